@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs saft_jax with everything the tests need and runs the suite.
+# (The README's test command; CI runs exactly this.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install -q -e ".[test]"
+# CPU build of PyTorch, only for the parity tests against transformers' PyTorch CLIP.
+$PY -m pip install -q "torch==2.13.0" || echo "torch unavailable: PyTorch parity tests will be skipped"
+$PY -m pytest -q -p no:cacheprovider "$@"
