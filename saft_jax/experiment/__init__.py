@@ -1,0 +1,1 @@
+"""The main job: suites, fine-tuning grid, merge search, reports (``saft reproduce``)."""
