@@ -1,0 +1,8 @@
+"""CLIP towers as pure functions, weight import/export, zero-shot heads, FTLO masks."""
+from saft_jax.models.configs import (CLIP_PRESETS, TEXT_B, TEXT_L, TEXT_TINY, VIT_B_16,
+                                     VIT_B_32, VIT_L_14, VIT_TINY, CLIPConfig, TextConfig,
+                                     VisionConfig, clip_config, vision_config)
+from saft_jax.models.clip import (clip_logits, encode_image, encode_text, init_clip_params,
+                                  init_text_params, init_vision_params, layer_norm, normalize)
+from saft_jax.models.attention import attention
+from saft_jax.models.ftlo import ftlo_mask, ftlo_predicate
