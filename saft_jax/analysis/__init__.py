@@ -6,3 +6,4 @@ from saft_jax.analysis.disentanglement import (
     disentanglement_error_linear,
     linearized_outputs,
 )
+from saft_jax.analysis.hessian import hvp, top_hessian_eigenvalue
