@@ -95,6 +95,9 @@ def train_batches(task: Task, batch_size: int, *, seed: int, start_step: int = 0
   p, count = splits_lib.resolve_process(process_index, process_count)
   rows = splits_lib.host_rows(batch_size, p, count)
   augment = task.default_augment if augment is None else bool(augment)
+  splits_lib.steps_per_epoch(task.num_examples("train"), batch_size)  # validates eagerly
+  if augment and task.stream is None and task.augment_fn is None:
+    raise ValueError(f"task {task.name!r} has no augmentation function")
   if task.stream is not None:
     return task.stream.train_batches(batch_size, seed=seed, start_step=start_step,
                                      augment=augment, rows=rows)
@@ -104,9 +107,6 @@ def train_batches(task: Task, batch_size: int, *, seed: int, start_step: int = 0
 def _array_train_batches(task, batch_size, seed, start_step, augment, rows):
   images, labels = task.splits["train"]
   n = len(labels)
-  splits_lib.steps_per_epoch(n, batch_size)  # validates
-  if augment and task.augment_fn is None:
-    raise ValueError(f"task {task.name!r} has no augmentation function")
   for step in itertools.count(start_step):
     idx = splits_lib.batch_indices(n, batch_size, seed, step)
     x = images[idx]
