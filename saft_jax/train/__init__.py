@@ -1,0 +1,23 @@
+"""Training: sharded jitted steps (SGD / FTTS / FTLO × any optax or SAM-family transform),
+the protocol's AdamW + warm-up/cosine schedule, checkpoints, progress logs and ``fit``."""
+from saft_jax.train.checkpoint import Checkpointer
+from saft_jax.train.distributed import maybe_initialize_distributed
+from saft_jax.train.loop import FitResult, NonFiniteLossError, fit
+from saft_jax.train.losses import linearized_consts, linearized_loss, partitioned_loss
+from saft_jax.train.mesh import (DATA_AXIS, batch_sharding, make_mesh, replicate,
+                                 replicated_sharding, shard_batch)
+from saft_jax.train.optimizer import make_base_optimizer
+from saft_jax.train.partition import combine, mask_from_predicate, partition
+from saft_jax.train.progress import MetricsWriter, Progress
+from saft_jax.train.schedule import warmup_cosine_schedule
+from saft_jax.train.state import TrainState, init_train_state
+from saft_jax.train.step import cast_floating, evaluate, make_eval_step, make_train_step
+
+__all__ = [
+    "Checkpointer", "DATA_AXIS", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
+    "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit",
+    "init_train_state", "linearized_consts", "linearized_loss", "make_base_optimizer",
+    "make_eval_step", "make_mesh", "make_train_step", "mask_from_predicate",
+    "maybe_initialize_distributed", "partition", "partitioned_loss", "replicate",
+    "replicated_sharding", "shard_batch", "warmup_cosine_schedule",
+]
