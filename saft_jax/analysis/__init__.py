@@ -7,3 +7,13 @@ from saft_jax.analysis.disentanglement import (
     linearized_outputs,
 )
 from saft_jax.analysis.hessian import hvp, top_hessian_eigenvalue
+from saft_jax.analysis.ctl import CTLResult, cross_task_linearity, layer_names
+from saft_jax.analysis.joint_loss import (
+    JointLossResult,
+    LossBarrier,
+    joint_loss_grid,
+    jtl_linearity,
+    loss_along_line,
+    loss_barrier,
+    merged_to_task_barriers,
+)
