@@ -58,7 +58,8 @@ def prefetch_to_mesh(batches: Iterable[Any], mesh: Mesh, *, depth: int = 2,
     if len(queue) >= depth:
       break
   while queue:
-    yield queue.popleft()
-    for batch in it:
+    current = queue.popleft()
+    for batch in it:  # refill before handing out, so `depth` transfers stay in flight
       queue.append(to_global(batch, sharding))
       break
+    yield current
