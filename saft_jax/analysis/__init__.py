@@ -17,3 +17,5 @@ from saft_jax.analysis.joint_loss import (
     loss_barrier,
     merged_to_task_barriers,
 )
+from saft_jax.analysis.plots import plot_ctl_bars, plot_grid_pair, plot_loss_curves
+from saft_jax.analysis.report import markdown_table, to_jsonable, write_markdown_table
