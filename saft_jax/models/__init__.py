@@ -6,3 +6,4 @@ from saft_jax.models.clip import (clip_logits, encode_image, encode_text, init_c
                                   init_text_params, init_vision_params, layer_norm, normalize)
 from saft_jax.models.attention import attention
 from saft_jax.models.ftlo import ftlo_mask, ftlo_predicate
+from saft_jax.models.load import CLIP, detect_format, load_clip, save_clip
