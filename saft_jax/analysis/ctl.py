@@ -15,6 +15,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -66,6 +67,27 @@ def _cos_dist(a, b):
   return 1.0 - num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
 
 
+@functools.lru_cache(maxsize=16)
+def _ctl_stats_fn(fn, chunk_size):
+  """Compiled per-batch CTL sums (cached)."""
+
+  def stats(pi, pj, xb, mb, alphas):
+    fi, fj = fn(pi, xb), fn(pj, xb)
+
+    def one(a):
+      fm = fn(_tree.interpolate(pj, pi, a), xb)
+
+      def leaf(m, a_, b_):
+        target = a.astype(a_.dtype) * a_ + (1 - a).astype(b_.dtype) * b_
+        return jnp.sum(_cos_dist(m, target) * mb.astype(jnp.float32))
+
+      return jnp.stack(jax.tree.leaves(jax.tree.map(leaf, fm, fi, fj)))
+
+    return jax.lax.map(one, alphas, batch_size=chunk_size)
+
+  return jax.jit(stats)
+
+
 def cross_task_linearity(
     apply_features: Callable | Sequence[Callable],
     params_i: PyTree,
@@ -108,20 +130,6 @@ def cross_task_linearity(
   names, sums, counts = None, [], []
   for s, (fn, x) in enumerate(zip(fns, sets)):
 
-    def stats(pi, pj, xb, mb, alphas, fn=fn):
-      fi, fj = fn(pi, xb), fn(pj, xb)
-
-      def one(a):
-        fm = fn(_tree.interpolate(pj, pi, a), xb)
-
-        def leaf(m, a_, b_):
-          target = a.astype(a_.dtype) * a_ + (1 - a).astype(b_.dtype) * b_
-          return jnp.sum(_cos_dist(m, target) * mb.astype(jnp.float32))
-
-        return jnp.stack(jax.tree.leaves(jax.tree.map(leaf, fm, fi, fj)))
-
-      return jax.lax.map(one, alphas, batch_size=chunk_size)
-
     n = _tree.leading_dim(x, f"inputs[{s}]")
     feats = jax.eval_shape(fn, params_i, jax.tree.map(lambda a: a[:1], x))
     these = layer_names(feats)
@@ -129,7 +137,7 @@ def cross_task_linearity(
       names = these
     elif these != names:
       raise ValueError(f"apply_features for input set {s} returns layers {these}, expected {names}")
-    stats = jax.jit(stats)
+    stats = _ctl_stats_fn(fn, chunk_size)
     acc = 0.0
     for xb, mb in _tree.batches_with_mask(x, n, batch_size):
       acc = acc + np.asarray(stats(params_i, params_j, xb, mb, alphas), np.float64)

@@ -153,6 +153,43 @@ def _finish(a1, a2, totals, counts, divergence):
                                div, per_div)
 
 
+@functools.lru_cache(maxsize=32)
+def _nonlinear_stats_fn(apply_t, t, chunk_size, divergence):
+  """Compiled grid statistics for task t (cached so repeated calls do not recompile)."""
+
+  def stats(theta0, taus, fixed, lam, x, mask, a1, a2):
+    base = _tree.combine(theta0, fixed, lam)
+
+    def single_fn(alpha):
+      return apply_t(_tree.combine(theta0, [taus[t]], alpha[None]), x)
+
+    def merged_fn(b1, b2):
+      return apply_t(_tree.combine(base, list(taus), jnp.stack([b1, b2])), x)
+
+    return _task_grid_stats(single_fn, merged_fn, t, a1, a2, mask, chunk_size, divergence)
+
+  return jax.jit(stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_stats_fn(chunk_size, divergence):
+  """Compiled grid statistics of the linearized model (cached)."""
+
+  @functools.partial(jax.jit, static_argnums=6)
+  def stats(f0_t, jv, mask, lam, a1, a2, own):
+    const = f0_t + jnp.tensordot(lam.astype(f0_t.dtype), jv[2:], axes=1)
+
+    def single_fn(alpha):
+      return f0_t + alpha.astype(f0_t.dtype) * jv[own]
+
+    def merged_fn(b1, b2):
+      return const + b1.astype(f0_t.dtype) * jv[0] + b2.astype(f0_t.dtype) * jv[1]
+
+    return _task_grid_stats(single_fn, merged_fn, own, a1, a2, mask, chunk_size, divergence)
+
+  return stats
+
+
 def disentanglement_error(
     apply_fns: ApplyFn | Sequence[ApplyFn],
     theta0: PyTree,
@@ -209,20 +246,7 @@ def disentanglement_error(
 
   totals, counts = [], []
   for t in range(2):
-    apply_t = apply_fns[t]
-
-    def stats(theta0, taus, fixed, lam, x, mask, a1, a2, t=t, apply_t=apply_t):
-      base = _tree.combine(theta0, fixed, lam)
-
-      def single_fn(alpha):
-        return apply_t(_tree.combine(theta0, [taus[t]], alpha[None]), x)
-
-      def merged_fn(b1, b2):
-        return apply_t(_tree.combine(base, list(taus), jnp.stack([b1, b2])), x)
-
-      return _task_grid_stats(single_fn, merged_fn, t, a1, a2, mask, chunk_size, divergence)
-
-    stats = jax.jit(stats)
+    stats = _nonlinear_stats_fn(apply_fns[t], t, chunk_size, divergence)
     n = _tree.leading_dim(inputs[t], f"inputs[{t}]")
     acc = None
     for xb, mb in _tree.batches_with_mask(inputs[t], n, batch_size):
@@ -283,17 +307,7 @@ def disentanglement_error_linear(
   a1, a2 = _grid_axes(alphas)
   lam = _fixed_coefs(fixed_coefs, num_k - 2)
 
-  @functools.partial(jax.jit, static_argnums=6)
-  def stats(f0_t, jv, mask, lam, a1, a2, own):
-    const = f0_t + jnp.tensordot(lam.astype(f0_t.dtype), jv[2:], axes=1)
-
-    def single_fn(alpha):
-      return f0_t + alpha.astype(f0_t.dtype) * jv[own]
-
-    def merged_fn(b1, b2):
-      return const + b1.astype(f0_t.dtype) * jv[0] + b2.astype(f0_t.dtype) * jv[1]
-
-    return _task_grid_stats(single_fn, merged_fn, own, a1, a2, mask, chunk_size, divergence)
+  stats = _linear_stats_fn(chunk_size, divergence)
 
   totals, counts = [], []
   for t in range(2):
@@ -319,6 +333,18 @@ def disentanglement_error_linear(
   return _finish(a1, a2, totals, counts, divergence)
 
 
+@functools.lru_cache(maxsize=16)
+def _jvp_fn(apply_fn):
+
+  @jax.jit
+  def one(theta0, taus, xb):
+    fn = lambda p: apply_fn(p, xb)
+    outs = [jax.jvp(fn, (theta0,), (_tree.tangent_like(theta0, tau),)) for tau in taus]
+    return outs[0][0], jnp.stack([o[1] for o in outs])
+
+  return one
+
+
 def linearized_outputs(
     apply_fn: ApplyFn,
     theta0: PyTree,
@@ -336,12 +362,7 @@ def linearized_outputs(
   if not task_vectors:
     raise ValueError("task_vectors is empty")
 
-  @jax.jit
-  def one(theta0, taus, xb):
-    fn = lambda p: apply_fn(p, xb)
-    outs = [jax.jvp(fn, (theta0,), (_tree.tangent_like(theta0, tau),)) for tau in taus]
-    return outs[0][0], jnp.stack([o[1] for o in outs])
-
+  one = _jvp_fn(apply_fn)
   n = _tree.leading_dim(x, "x")
   f0s, jvs = [], []
   for xb, mb in _tree.batches_with_mask(x, n, batch_size):

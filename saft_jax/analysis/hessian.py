@@ -23,6 +23,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -117,6 +118,33 @@ def _lanczos(matvec, v0, num_iters, key):
   return evals, (basis.T @ evecs).T
 
 
+@functools.lru_cache(maxsize=16)
+def _eig_fn(loss_fn, method, num_iters, k):
+  """Compiled eigen-solver for one loss function and settings (cached)."""
+
+  @jax.jit
+  def run(params, key):
+    flat, unravel = ravel_pytree(params)
+    n = flat.shape[0]
+    work = jnp.promote_types(flat.dtype, jnp.float32)
+
+    def matvec(v):
+      out = hvp(loss_fn, params, unravel(v.astype(flat.dtype)))
+      return ravel_pytree(out)[0].astype(work)
+
+    k0, k1 = jax.random.split(key)
+    if method == "lanczos":
+      v0 = jax.random.normal(k0, (n,), work)
+      evals, vecs = _lanczos(matvec, v0, min(num_iters, n), k1)
+    elif k == 1:
+      evals, vecs = _power(matvec, jax.random.normal(k0, (n,), work), num_iters)
+    else:
+      evals, vecs = _subspace(matvec, jax.random.normal(k0, (k, n), work), num_iters)
+    return evals[:k], vecs[:k]
+
+  return run
+
+
 def top_hessian_eigenvalue(
     loss_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -156,7 +184,6 @@ def top_hessian_eigenvalue(
   _check_params(params)
   flat, unravel = ravel_pytree(params)
   n = flat.shape[0]
-  work = jnp.promote_types(flat.dtype, jnp.float32)
   if method == "lanczos":
     m = min(num_iters, n)
     if k > m:
@@ -165,24 +192,7 @@ def top_hessian_eigenvalue(
     raise ValueError(f"k={k} exceeds the parameter dimension {n}")
   key = jax.random.PRNGKey(0) if key is None else key
 
-  @jax.jit
-  def run(params, key):
-    flat, unravel = ravel_pytree(params)
-
-    def matvec(v):
-      out = hvp(loss_fn, params, unravel(v.astype(flat.dtype)))
-      return ravel_pytree(out)[0].astype(work)
-
-    k0, k1 = jax.random.split(key)
-    if method == "lanczos":
-      v0 = jax.random.normal(k0, (n,), work)
-      evals, vecs = _lanczos(matvec, v0, m, k1)
-    elif k == 1:
-      evals, vecs = _power(matvec, jax.random.normal(k0, (n,), work), num_iters)
-    else:
-      evals, vecs = _subspace(matvec, jax.random.normal(k0, (k, n), work), num_iters)
-    return evals[:k], vecs[:k]
-
+  run = _eig_fn(loss_fn, method, num_iters, k)
   evals, vecs = run(params, key)
   if k == 1:
     evals = evals[0]

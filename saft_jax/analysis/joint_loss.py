@@ -19,6 +19,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -67,6 +68,24 @@ def _as_fns(loss_fn):
   return fns
 
 
+def _make_combined(args, c):
+  return _tree.combine(args[0], list(args[1]), c)
+
+
+def _make_interpolated(args, c):
+  return _tree.interpolate(args[0], args[1], c)
+
+
+@functools.lru_cache(maxsize=32)
+def _loss_map_fn(fn, make_params, chunk_size, batched):
+  """Compiled `lax.map` of a loss over coefficient rows (cached)."""
+  if batched:
+    return jax.jit(lambda args, b, coefs: jax.lax.map(
+        lambda c: fn(make_params(args, c), b), coefs, batch_size=chunk_size))
+  return jax.jit(lambda args, coefs: jax.lax.map(
+      lambda c: fn(make_params(args, c)), coefs, batch_size=chunk_size))
+
+
 def _evaluate(fns, batches, make_params, args, coefs, chunk_size):
   """Losses (num_fns, P) of every loss function at make_params(args, coefs[p])."""
   if not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -77,15 +96,13 @@ def _evaluate(fns, batches, make_params, args, coefs, chunk_size):
   out = []
   for t, fn in enumerate(fns):
     if batches is None:
-      f = jax.jit(lambda args, coefs, fn=fn: jax.lax.map(
-          lambda c: fn(make_params(args, c)), coefs, batch_size=chunk_size))
+      f = _loss_map_fn(fn, make_params, chunk_size, False)
       out.append(np.asarray(f(args, coefs), np.float64))
       continue
     blist = batches[t] if isinstance(batches[t], list) else [batches[t]]
     if not blist:
       raise ValueError(f"batches[{t}] is an empty list")
-    f = jax.jit(lambda args, b, coefs, fn=fn: jax.lax.map(
-        lambda c: fn(make_params(args, c), b), coefs, batch_size=chunk_size))
+    f = _loss_map_fn(fn, make_params, chunk_size, True)
     total, weight = 0.0, 0
     for i, b in enumerate(blist):
       w = _tree.leading_dim(b, f"batches[{t}][{i}]")
@@ -128,7 +145,7 @@ def joint_loss_grid(
   base = _tree.combine(theta0, list(fixed_task_vectors), lam)
   g1, g2 = jnp.meshgrid(a1, a2, indexing="ij")
   coefs = jnp.stack([g1.reshape(-1), g2.reshape(-1)], axis=1)
-  make = lambda args, c: _tree.combine(args[0], list(args[1]), c)
+  make = _make_combined
   per = _evaluate(fns, batches, make, (base, list(task_vectors)), coefs, chunk_size)
   per = per.reshape(len(fns), a1.shape[0], a2.shape[0])
   return JointLossResult(np.asarray(a1), np.asarray(a2), per.sum(0), per)
@@ -147,7 +164,7 @@ def loss_along_line(
   fns = _as_fns(loss_fn)
   _tree.check_same_structure(params_a, params_b, "params_a", "params_b")
   al = _tree.check_alphas(alphas, "alphas")
-  make = lambda args, c: _tree.interpolate(args[0], args[1], c)
+  make = _make_interpolated
   return _evaluate(fns, batches, make, (params_a, params_b), al, chunk_size).sum(0)
 
 

@@ -16,7 +16,7 @@ def _figure(width, height):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(width, height), dpi=100)
+  fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
 
@@ -26,7 +26,7 @@ def _save(fig, path) -> str:
   d = os.path.dirname(path)
   if d:
     os.makedirs(d, exist_ok=True)
-  fig.savefig(path, format="png", bbox_inches="tight")
+  fig.savefig(path, format="png")
   return path
 
 
@@ -88,7 +88,7 @@ def plot_grid_pair(
       ax.plot([mark[0]], [mark[1]], marker="*", color="red", markersize=9)
     ax.set_title(str(name))
     ax.set_xlabel("α1")
-    ax.set_ylabel("α2")
+  axes[0].set_ylabel("α2")
   fig.colorbar(mesh, ax=list(axes), label=label)
   if title:
     fig.suptitle(title)
