@@ -81,6 +81,10 @@ class StreamSource:
     pool, idx = self._lookup(split)
     return self.pool_size(pool) if idx is None else len(idx)
 
+  def split_indices(self, split: str):
+    """``(pool, sorted pool positions or None for the whole pool)`` of ``split``."""
+    return self._lookup(split)
+
   def _lookup(self, split):
     if split not in self._split_map:
       raise ValueError(f"task {self.name!r} has no {split!r} split; it has "
