@@ -1,5 +1,19 @@
-"""Model merging: task vectors, weight averaging, task arithmetic, TIES and successors."""
-from ._task_vectors import (add_task_vectors, apply_task_vector, negate_task_vector,
-                            path_str, scale_task_vector, subtract_task_vectors, task_vector)
+"""Model merging: task vectors, weight averaging, task arithmetic, TIES and successors.
+
+Streaming (out-of-core) merges of checkpoints live in :mod:`saft_jax.merging.streaming`
+names re-exported here (``stream_merge``).
+"""
+from ._task_vectors import (add_task_vectors, apply_task_vector, is_mergeable,
+                            negate_task_vector, path_str, scale_task_vector,
+                            subtract_task_vectors, task_vector)
 from ._basic import sum_task_vectors, task_arithmetic, weight_average
 from ._ties import ties, ties_merged_vector, ties_thresholds, ties_trim
+from ._topk import kth_largest_bits, kth_largest_bits_groups, keep_count
+from ._sparse import (breadcrumbs_masks, breadcrumbs_merge, consensus_merge,
+                      consensus_merged_vector, dare, dare_merge, dare_ties,
+                      dare_ties_merged_vector, magmax, magmax_merged_vector, tall_masks)
+from ._geometry import (default_layer_index, lines, lines_scales, model_stock,
+                        model_stock_ratio, slerp)
+from ._spectral import (iso_c, iso_c_merged_vector, iso_cts, iso_cts_merged_vector,
+                        tsv_merge, tsv_merged_vector)
+from ._analysis import cosine_similarity_matrix, global_norm, leaf_norms, sign_conflict_rate
