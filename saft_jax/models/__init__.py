@@ -7,3 +7,8 @@ from saft_jax.models.clip import (clip_logits, encode_image, encode_text, init_c
 from saft_jax.models.attention import attention
 from saft_jax.models.ftlo import ftlo_mask, ftlo_predicate
 from saft_jax.models.load import CLIP, detect_format, load_clip, save_clip
+from saft_jax.models.tokenizer import load_tokenizer, tokenize
+from saft_jax.models.templates import (CLASSNAMES, DATASETS, TEMPLATES, format_prompts,
+                                       get_classnames, get_templates)
+from saft_jax.models.zeroshot import (classify, head_from_text_embeddings, params_hash, prompts,
+                                      zeroshot_head)

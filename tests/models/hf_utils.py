@@ -91,3 +91,26 @@ def open_clip_state_dict(model):
   ctx = out["positional_embedding"].shape[0]
   out["attn_mask"] = torch.full((ctx, ctx), float("-inf")).triu_(1)  # open_clip's buffer
   return out
+
+
+def write_tiny_tokenizer(d):
+  """A tiny CLIP BPE vocabulary (characters, a few merges, start/end tokens) in `d`."""
+  import json
+  import os
+  os.makedirs(d, exist_ok=True)
+  chars = list("abcdefghijklmnopqrstuvwxyz0123456789.:\"!'-/")
+  vocab = {}
+  for c in chars:
+    vocab[c] = len(vocab)
+  for c in chars:
+    vocab[c + "</w>"] = len(vocab)
+  merges = ["p h", "ph o", "pho t", "phot o</w>"]
+  for m in merges:
+    vocab[m.replace(" ", "")] = len(vocab)
+  vocab["<|startoftext|>"] = len(vocab)
+  vocab["<|endoftext|>"] = len(vocab)
+  with open(os.path.join(d, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(d, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return len(vocab)
