@@ -67,5 +67,10 @@ def shard_batch(local_batch: Any, mesh: Mesh, data_axis: str = DATA_AXIS) -> Any
   process ``i``'s examples become rows ``[i*n, (i+1)*n)`` of the global batch.
   """
   sharding = batch_sharding(mesh, data_axis)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already a global array (e.g. from a prefetching pipeline)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, local_batch)

@@ -39,12 +39,16 @@ class MetricsWriter:
 
 
 class Progress:
-  """Averages train metrics over a window and emits a line every ``log_every`` steps."""
+  """Averages train metrics over a window and emits a line every ``log_every`` steps.
+
+  Rates are measured from the end of the first recorded step, so the compilation of the
+  first step does not distort steps/s, examples/s and the ETA.
+  """
 
   def __init__(self, total_steps: int, start_step: int, log_every: int, writer: MetricsWriter):
     self.total, self.log_every, self.writer = total_steps, log_every, writer
     self._sums, self._n, self._examples = None, 0, 0
-    self._t0, self._s0 = time.perf_counter(), start_step
+    self._t0, self._s0 = None, start_step
 
   def due(self, done: int) -> bool:
     return self.log_every > 0 and (done % self.log_every == 0 or done == self.total)
@@ -54,18 +58,25 @@ class Progress:
     m = {k: v for k, v in metrics.items() if k != "finite"}
     self._sums = m if self._sums is None else jax.tree.map(lambda a, b: a + b, self._sums, m)
     self._n += 1
-    self._examples += batch_size
+    if self._t0 is None:  # the first step (compilation): start the clock after it
+      self._t0, self._s0 = time.perf_counter(), self._s0 + 1
+    else:
+      self._examples += batch_size
 
   def emit(self, done: int) -> dict:
-    elapsed = max(time.perf_counter() - self._t0, 1e-9)
-    rate = (done - self._s0) / elapsed
+    elapsed = max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+    steps = done - self._s0
+    rate = steps / elapsed if steps > 0 else None
     values = {k: float(v) / max(self._n, 1) for k, v in (self._sums or {}).items()}
-    values.update(steps_per_sec=rate, examples_per_sec=self._examples / elapsed,
-                  eta_sec=(self.total - done) / rate if rate > 0 else float("inf"))
-    eta = datetime.timedelta(seconds=int(values["eta_sec"])) if rate > 0 else "?"
-    logger.info("step %d/%d | loss %.4f | %.2f steps/s | %.1f examples/s | ETA %s",
-                done, self.total, values.get("loss", float("nan")), rate,
-                values["examples_per_sec"], eta)
+    values.update(steps_per_sec=rate, examples_per_sec=self._examples / elapsed if rate else None,
+                  eta_sec=(self.total - done) / rate if rate else None)
+    if done == self.total:
+      values["eta_sec"] = 0.0
+    eta = "?" if values["eta_sec"] is None else datetime.timedelta(seconds=int(values["eta_sec"]))
+    logger.info("step %d/%d | loss %.4f | %s steps/s | %s examples/s | ETA %s",
+                done, self.total, values.get("loss", float("nan")),
+                "?" if rate is None else f"{rate:.2f}",
+                "?" if rate is None else f"{values['examples_per_sec']:.1f}", eta)
     self._sums, self._n, self._examples = None, 0, 0
     self._t0, self._s0 = time.perf_counter(), done
     return self.writer.write("train", done, values)

@@ -22,7 +22,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 from saft_jax import train  # noqa: E402
 
 assert train.maybe_initialize_distributed(coordinator, nproc, pid,
-                                          initialization_timeout=30) == (nproc > 1)
+                                          initialization_timeout=60) == (nproc > 1)
 assert jax.process_count() == nproc and len(jax.devices()) == nproc * ndev
 
 import numpy as np  # noqa: E402

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from train_helpers import init_mlp
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-TIMEOUT = 50
+TIMEOUT = 90  # seconds for the whole group (~15 s on an idle 2-core machine)
 
 
 def _free_port():
@@ -30,7 +31,8 @@ def _run_all(cmds):
   procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for c in cmds]
   try:
-    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    deadline = time.monotonic() + TIMEOUT
+    outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
   finally:
     for p in procs:  # always clean up, also on timeout
       if p.poll() is None:

@@ -228,3 +228,26 @@ def test_eval_step_and_evaluate():
   acc = np.mean(np.argmax(np.asarray(mlp_apply(params, jnp.asarray(x))), -1) == y)
   np.testing.assert_allclose(out["accuracy"], acc)
   assert out["count"] == 48
+
+
+def test_step_with_package_sam_and_asam():
+  """The pinned interface works with saft_jax.optim's SAM (same result as the hand SAM)."""
+  optim = pytest.importorskip("saft_jax.optim")
+  mesh = train.make_mesh()
+  params = init_mlp(10)
+  batches = [make_batch(B, seed=s) for s in range(2)]
+  ref = _reference_steps(params, [jax.tree.map(jnp.asarray, b) for b in batches], _adamw(),
+                         rho=0.1)
+  for tx in (optim.sam(_adamw(), rho=0.1), optim.asam(_adamw(), rho=0.5)):
+    step = train.make_train_step(train.partitioned_loss(model_loss), tx, mesh=mesh)
+    state = train.init_train_state(params, tx, mesh=mesh)
+    for b in batches:
+      state, metrics = step(state, None, train.shard_batch(b, mesh))
+    assert bool(metrics["finite"])
+  # SAM result equals the hand-written reference.
+  tx = optim.sam(_adamw(), rho=0.1)
+  step = train.make_train_step(train.partitioned_loss(model_loss), tx, mesh=mesh)
+  state = train.init_train_state(params, tx, mesh=mesh)
+  for b in batches:
+    state, _ = step(state, None, train.shard_batch(b, mesh))
+  assert_trees_close(state.params, ref, rtol=2e-5, atol=2e-6)
