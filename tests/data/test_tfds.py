@@ -144,3 +144,13 @@ def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="expected layout"):
     data.load_task("gtsrb", folder_root=str(tmp_path))
   assert os.listdir(tmp_path) == []  # nothing was downloaded
+
+
+@pytest.mark.parametrize("shape", [(47, 17, 3), (17, 47, 1), (300, 230, 3)])
+def test_eval_preprocess_non_square(shape):
+  # (47, 17): resized to 619 x 224, crop offset round(197.5) = 198 (not floor's 197);
+  # (300, 230): downsampling, where the antialiased bicubic matters.
+  img = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+  out = preprocess.eval_preprocess(img, 224).numpy()
+  ref, _ = _hand_eval(img)
+  np.testing.assert_allclose(out, ref, atol=1e-4)
