@@ -1,7 +1,6 @@
 """Model merging: task vectors, weight averaging, task arithmetic, TIES and successors.
 
-Streaming (out-of-core) merges of checkpoints live in :mod:`saft_jax.merging.streaming`
-names re-exported here (``stream_merge``).
+Streaming (out-of-core) merges of checkpoints on disk: :func:`stream_merge`.
 """
 from ._task_vectors import (add_task_vectors, apply_task_vector, is_mergeable,
                             negate_task_vector, path_str, scale_task_vector,
@@ -17,3 +16,5 @@ from ._geometry import (default_layer_index, lines, lines_scales, model_stock,
 from ._spectral import (iso_c, iso_c_merged_vector, iso_cts, iso_cts_merged_vector,
                         tsv_merge, tsv_merged_vector)
 from ._analysis import cosine_similarity_matrix, global_norm, leaf_norms, sign_conflict_rate
+from ._streaming import stream_merge
+from ._io import checkpoint_format, open_checkpoint
