@@ -126,7 +126,7 @@ def _eig_fn(loss_fn, method, num_iters, k):
   def run(params, key):
     flat, unravel = ravel_pytree(params)
     n = flat.shape[0]
-    work = jnp.promote_types(flat.dtype, jnp.float32)
+    work = jnp.float64 if flat.dtype == jnp.float64 else jnp.float32
 
     def matvec(v):
       out = hvp(loss_fn, params, unravel(v.astype(flat.dtype)))
