@@ -15,12 +15,16 @@ per-example seed ``(f(seed, e), pool index)``. With ``shuffle_buffer >= n`` the
 epoch order is a uniform permutation; a smaller buffer (default 10000) is a
 local shuffle, as usual for tf.data.
 
+Evaluation reads the split in pool order; with several processes every process
+decodes each global batch and keeps its rows (simple and exact; the train
+stream, in contrast, drops other processes' rows before decoding).
+
 TensorFlow is imported inside the methods only.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -68,13 +72,11 @@ class StreamSource:
   def pool_size(self, pool: str) -> int:
     """Number of records in ``pool`` (cardinality, else counted once)."""
     if pool not in self._sizes:
-      import tensorflow as tf
       ds = self._pools[pool]()
       n = int(ds.cardinality().numpy())
       if n < 0:  # unknown
         n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
       self._sizes[pool] = n
-      del tf
     return self._sizes[pool]
 
   def num_examples(self, split: str) -> int:
