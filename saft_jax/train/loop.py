@@ -81,7 +81,10 @@ def fit(train_step: Callable, state, frozen, batches_fn: Callable[[int], Iterabl
                                  ckpt.latest_step() if ckpt else None)
 
     for step in range(start, stop):
-      batch = next(batches)
+      batch = next(batches, None)
+      if batch is None:
+        raise ValueError(f"batches_fn({start}) ran out of batches at step {step} "
+                         f"(total_steps={total_steps})")
       state, metrics = train_step(state, frozen, batch)
       if pending is not None:
         check(*pending)
@@ -98,6 +101,8 @@ def fit(train_step: Callable, state, frozen, batches_fn: Callable[[int], Iterabl
         progress.emit(done)
       if do_eval:
         result = eval_fn(state.params, frozen)
+        if best_metric not in result:
+          raise ValueError(f"eval_fn result lacks best_metric {best_metric!r}: {sorted(result)}")
         writer.write("eval", done, result)
         logger.info("eval step %d: %s", done, {k: round(float(v), 5) for k, v in result.items()})
         if best_metrics is None or result[best_metric] > best_metrics[best_metric]:

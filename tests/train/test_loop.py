@@ -133,3 +133,13 @@ def test_jsonl_metrics_and_progress_lines(tmp_path, caplog):
   lines = [m for m in caplog.messages if m.startswith("step ")]
   assert len(lines) == 4
   assert all("steps/s" in m and "examples/s" in m and "ETA" in m for m in lines)
+
+
+def test_clear_errors_for_short_data_and_missing_metric():
+  step, init = _setup()
+  with pytest.raises(ValueError, match="ran out of batches at step 2"):
+    train.fit(step, init(), None, lambda s: (jax.tree.map(jnp.asarray, make_batch(B, seed=i))
+                                             for i in range(s, 2)), total_steps=N, log_every=0)
+  with pytest.raises(ValueError, match="lacks best_metric 'accuracy'"):
+    train.fit(step, init(), None, _batches_fn(), total_steps=N, log_every=0,
+              eval_fn=lambda p, f: {"acc": 1.0}, eval_every=2)
