@@ -238,16 +238,14 @@ def test_step_with_package_sam_and_asam():
   batches = [make_batch(B, seed=s) for s in range(2)]
   ref = _reference_steps(params, [jax.tree.map(jnp.asarray, b) for b in batches], _adamw(),
                          rho=0.1)
+  finals = []
   for tx in (optim.sam(_adamw(), rho=0.1), optim.asam(_adamw(), rho=0.5)):
     step = train.make_train_step(train.partitioned_loss(model_loss), tx, mesh=mesh)
     state = train.init_train_state(params, tx, mesh=mesh)
     for b in batches:
       state, metrics = step(state, None, train.shard_batch(b, mesh))
     assert bool(metrics["finite"])
-  # SAM result equals the hand-written reference.
-  tx = optim.sam(_adamw(), rho=0.1)
-  step = train.make_train_step(train.partitioned_loss(model_loss), tx, mesh=mesh)
-  state = train.init_train_state(params, tx, mesh=mesh)
-  for b in batches:
-    state, _ = step(state, None, train.shard_batch(b, mesh))
-  assert_trees_close(state.params, ref, rtol=2e-5, atol=2e-6)
+    finals.append(state.params)
+  # SAM equals the hand-written reference; ASAM (a different ε) does not.
+  assert_trees_close(finals[0], ref, rtol=2e-5, atol=2e-6)
+  assert not np.allclose(finals[1]["dense0"]["kernel"], ref["dense0"]["kernel"], atol=1e-6)
