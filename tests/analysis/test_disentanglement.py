@@ -53,7 +53,7 @@ def test_linear_model_disjoint_subspaces_gives_zero():
   np.testing.assert_allclose(res.divergence, 0.0, atol=1e-6)
   # Control: overlapping task vectors do produce disagreement somewhere.
   res2 = analysis.disentanglement_error(apply, theta0, [tau1, tau1], [x1, x2],
-                                        np.linspace(-2, 2, 9))
+                                        np.linspace(-2, 2, 9), divergence="js")
   assert res2.error.max() > 0
 
 

@@ -35,9 +35,8 @@ def test_power_and_lanczos_recover_top_eigenvalue():
   v = ravel_pytree(vec_p)[0]
   top = q[:, np.argmax(spec)]
   assert abs(float(np.dot(np.asarray(v), top))) == pytest.approx(1.0, abs=1e-4)
-  lam_l = analysis.top_hessian_eigenvalue(loss, params, method="lanczos", num_iters=18)
-  assert float(lam_l) == pytest.approx(10.0, rel=1e-5)
   top3 = analysis.top_hessian_eigenvalue(loss, params, method="lanczos", num_iters=18, k=3)
+  assert float(top3[0]) == pytest.approx(10.0, rel=1e-5)
   np.testing.assert_allclose(top3, [10.0, 5.0, 4.0], rtol=1e-4)
   top3p = analysis.top_hessian_eigenvalue(loss, params, method="power", num_iters=200, k=3)
   np.testing.assert_allclose(top3p, [10.0, 5.0, 4.0], rtol=1e-3)
