@@ -5,7 +5,6 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from saft_jax import train
