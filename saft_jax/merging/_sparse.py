@@ -132,7 +132,10 @@ def breadcrumbs_merge(pretrained: PyTree, tvs: Sequence[PyTree], lam, drop_top: 
 
 # -------------------------------------------------------------------------- MagMax
 def magmax_merged_vector(tvs: Sequence[PyTree], *, exclude: ExcludeFn = None) -> PyTree:
-  """Per entry, the task-vector value of largest magnitude (first task wins ties).
+  """Per entry, the task-vector value of largest magnitude.
+
+  On an exact magnitude tie between opposite signs the positive value wins, so the result
+  does not depend on the order of the tasks.
 
   References:
     Marczak, D., Twardowski, B., Trzciński, T., Cygert, S. "MagMax: Leveraging Model
@@ -143,7 +146,8 @@ def magmax_merged_vector(tvs: Sequence[PyTree], *, exclude: ExcludeFn = None) ->
   def pick(path, x0, xs):
     best = xs[0]
     for x in xs[1:]:
-      best = jnp.where(jnp.abs(x) > jnp.abs(best), x, best)
+      ax, ab = jnp.abs(x), jnp.abs(best)
+      best = jnp.where((ax > ab) | ((ax == ab) & (x > best)), x, best)
     return best
   return map_mergeable(pick, tvs[0], list(tvs), exclude, passthrough=jnp.zeros_like)
 

@@ -58,7 +58,12 @@ def kth_largest_bits_groups(groups: Sequence[Sequence[jax.Array]],
   """
   groups = [[a for a in g if a.size] for g in groups]
   n_keeps = jnp.stack([jnp.asarray(n, jnp.int32) for n in n_keeps])
+  return _kth_bits_jit(groups, n_keeps)
 
+
+@jax.jit
+def _kth_bits_jit(groups, n_keeps):
+  # Jitted on its own so eager callers reuse one compiled loop per shape signature.
   def count_ge(t):
     counts = []
     for i, g in enumerate(groups):
