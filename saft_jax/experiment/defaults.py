@@ -1,0 +1,31 @@
+"""Built-in default configs of ``saft reproduce --suite NAME``."""
+from __future__ import annotations
+
+from saft_jax.experiment.config import OptimConfig, ReproduceConfig
+
+
+def offline_config() -> ReproduceConfig:
+  """The offline digits suite: small enough for 2 CPU cores (see README)."""
+  return ReproduceConfig(
+      suite="offline", finetunes=("sgd",), safts=("none", "asam"),
+      steps=200, batch_size=64, eval_every=50, checkpoint_every=100, eval_batch_size=512,
+      pretrain_steps=1000,
+      optim=OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=20, clip_norm=1.0))
+
+
+def clip_config(model: str = "ViT-B-32") -> ReproduceConfig:
+  """The paper's protocol (SPEC §5) for a CLIP checkpoint on the 8 tasks."""
+  return ReproduceConfig(
+      suite="clip", tasks=("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397",
+                           "svhn"),
+      finetunes=("sgd", "ftts", "ftlo"), safts=("none", "asam"), steps=8000, batch_size=128,
+      eval_every=500, checkpoint_every=500, eval_batch_size=512, compute_dtype="bfloat16",
+      optim=OptimConfig())
+
+
+def default_config(suite: str) -> ReproduceConfig:
+  if suite == "offline":
+    return offline_config()
+  if suite == "clip":
+    return clip_config()
+  raise ValueError(f"unknown suite {suite!r}; known: offline, clip")

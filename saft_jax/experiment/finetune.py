@@ -1,0 +1,140 @@
+"""One fine-tuning run of the grid: (task, method, sharpness setting, seed) -> task vector.
+
+* ``sgd``  — every encoder parameter is trained (the paper's name for AdamW).
+* ``ftlo`` — only the attention q/k/v/out kernels (:func:`saft_jax.models.ftlo_mask`);
+  the rest is frozen (never perturbed, never decayed, no gradient computed).
+* ``ftts`` — the linearized encoder ``f(x;θ0) + J f(x;θ0)·dθ``; the trainable
+  parameter is the offset ``dθ`` (the task vector); θ0 is an argument of the step.
+
+The sharpness setting wraps the protocol's AdamW chain: ``none``, ``sam`` or
+``asam`` (SPEC §3 defaults). The task vector is taken from the checkpoint with
+the best validation accuracy. Runs resume from their orbax checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from saft_jax import data as data_lib
+from saft_jax import models, optim
+from saft_jax import train as train_lib
+from saft_jax.experiment.evaluate import head_logits
+
+logger = logging.getLogger("saft_jax.experiment")
+
+
+def make_optimizer(config, saft: str, total_steps: int):
+  """The protocol's AdamW chain, wrapped by SAM/ASAM when ``saft`` asks for it."""
+  o = config.optim
+  base = train_lib.make_base_optimizer(o.lr, total_steps, min(o.warmup_steps, total_steps // 2),
+                                       o.weight_decay, o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+  if saft == "none":
+    return base
+  if saft == "sam":
+    return optim.sam(base, rho=o.sam_rho)
+  if saft == "asam":
+    return optim.asam(base, rho=o.asam_rho, eta=o.asam_eta)
+  raise ValueError(f"unknown sharpness setting {saft!r}; known: none, sam, asam")
+
+
+def _train_objective(features, head, batch):
+  """Mean cross-entropy of the frozen head; aux: the batch accuracy."""
+  images, labels = batch
+  del images
+  logits = head_logits(features, head)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return loss, {"accuracy": acc}
+
+
+def _eval_objective(features, head, batch):
+  """Sums of correct predictions and real examples of a padded eval batch."""
+  _, labels, mask = batch
+  hits = (jnp.argmax(head_logits(features, head), -1) == labels) & mask
+  return jnp.zeros((), jnp.float32), {"correct": jnp.sum(hits.astype(jnp.float32)),
+                                      "count": jnp.sum(mask.astype(jnp.float32))}
+
+
+def make_loss(suite, finetune: str, objective=_train_objective):
+  """``loss_fn(trainable, frozen, batch)``, the initial trainable tree and ``make_frozen(head)``.
+
+  ``objective(features, head, batch) -> (loss, aux)`` acts on the encoder's
+  features (the linearized features for FTTS).
+  """
+  feats = suite.features_fn()
+  if finetune == "ftts":
+    loss = train_lib.linearized_loss(
+        lambda p, consts, batch: feats(p, batch[0]),
+        lambda out, consts, batch: objective(out, consts["head"], batch))
+    dtheta = jax.tree.map(jnp.zeros_like, suite.params0)
+    return loss, dtheta, lambda head: train_lib.linearized_consts(suite.params0, {"head": head})
+  if finetune == "sgd":
+    trainable, rest = suite.params0, jax.tree.map(lambda _: None, suite.params0)
+  elif finetune == "ftlo":
+    trainable, rest = train_lib.partition(suite.params0, models.ftlo_mask(suite.params0))
+  else:
+    raise ValueError(f"unknown fine-tuning method {finetune!r}; known: sgd, ftts, ftlo")
+
+  def loss(trainable, frozen, batch):
+    params = train_lib.combine(trainable, frozen["rest"])
+    return objective(feats(params, batch[0]), frozen["head"], batch)
+
+  return loss, trainable, lambda head: {"rest": rest, "head": head}
+
+
+def to_task_vector(suite, finetune: str, trainable, frozen):
+  """The task vector τ = θ_t − θ0 (full structure; zeros on frozen FTLO leaves)."""
+  if finetune == "ftts":
+    return trainable
+  params = train_lib.combine(trainable, frozen["rest"])
+  return jax.tree.map(lambda t, p0: t - p0, params, suite.params0)
+
+
+@functools.lru_cache(maxsize=16)
+def _program(suite, finetune: str, saft: str, config, mesh):
+  """Compiled train/eval steps of one (method, sharpness) pair, shared by all tasks.
+
+  The head and θ0 are arguments of the steps, so every task reuses the same
+  executables (one compilation per method instead of one per task).
+  """
+  loss, trainable, make_frozen = make_loss(suite, finetune)
+  tx = make_optimizer(config, saft, config.steps)
+  step = train_lib.make_train_step(loss, tx, mesh=mesh, accum_steps=config.accum_steps)
+  eval_loss = make_loss(suite, finetune, _eval_objective)[0]
+  eval_step = train_lib.make_eval_step(lambda tr, fr, b: eval_loss(tr, fr, b)[1], mesh=mesh)
+  return tx, step, eval_step, trainable, make_frozen
+
+
+def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, config,
+                  run_dir: str, *, mesh=None):
+  """Fine-tunes θ0 on one task; returns ``(task_vector, best_val_metrics)``."""
+  task, head = suite.tasks[task_name], suite.heads[task_name]
+  tx, step, eval_step, trainable, make_frozen = _program(suite, finetune, saft, config, mesh)
+  frozen = make_frozen(head)
+  state = train_lib.init_train_state(trainable, tx, mesh=mesh)
+  if mesh is not None:
+    frozen = train_lib.replicate(frozen, mesh)
+  shard = (lambda it: (train_lib.shard_batch(b, mesh) for b in it)) if mesh is not None else (
+      lambda it: it)
+
+  def eval_fn(trainable, frozen):
+    batches = data_lib.eval_batches(task, "val", config.eval_batch_size)
+    return train_lib.evaluate(eval_step, trainable, frozen, shard(batches))
+
+  def batches_fn(start):
+    return shard(data_lib.train_batches(task, config.batch_size, seed=seed, start_step=start,
+                                        augment=config.augment or None))
+
+  os.makedirs(run_dir, exist_ok=True)
+  result = train_lib.fit(step, state, frozen, batches_fn, total_steps=config.steps,
+                         eval_fn=eval_fn, eval_every=config.eval_every,
+                         checkpoint_dir=os.path.join(run_dir, "ckpt"),
+                         save_every=config.checkpoint_every,
+                         log_every=max(1, config.steps // 4),
+                         metrics_path=os.path.join(run_dir, "metrics.jsonl"))
+  return to_task_vector(suite, finetune, result.best_params, frozen), result.best_metrics
