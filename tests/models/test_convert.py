@@ -23,12 +23,16 @@ def _save_hf(model, path):
   assert os.path.isfile(os.path.join(path, "model.safetensors"))
 
 
+# module-level jits keyed on the (static, hashable) configs: compiled once per config
+_ENC_I = jax.jit(M.encode_image, static_argnums=0)
+_ENC_T = jax.jit(M.encode_text, static_argnums=0)
+_LOGITS = jax.jit(M.clip_logits, static_argnums=0)
+
+
 def _ours(clip, images, tokens):
-  enc_i = jax.jit(clip.encode_image)
-  enc_t = jax.jit(clip.encode_text)
-  img = np.asarray(enc_i(clip.params, jnp.asarray(images)))
-  txt = np.asarray(enc_t(clip.params, jnp.asarray(tokens)))
-  logits = np.asarray(clip.logits(clip.params, images, tokens)[0])
+  img = np.asarray(_ENC_I(clip.config.vision, clip.params["visual"], jnp.asarray(images)))
+  txt = np.asarray(_ENC_T(clip.config.text, clip.params["text"], jnp.asarray(tokens)))
+  logits = np.asarray(_LOGITS(clip.config, clip.params, images, tokens)[0])
   return img, txt, logits
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from saft_jax import models as M
 
+import hf_utils as H  # noqa: E402
+
 CFG = M.VisionConfig(image_size=8, patch_size=4, width=16, layers=3, heads=2, output_dim=5,
                      in_channels=1)
 
@@ -16,7 +18,7 @@ def _paths(tree):
 
 
 def test_mask_selects_exactly_attention_kernels():
-  p = M.init_vision_params(CFG, jax.random.key(0))
+  p = jax.eval_shape(lambda: M.init_vision_params(CFG, jax.random.key(0)))
   sel = sorted(k for k, v in _paths(M.ftlo_mask(p)).items() if v)
   expected = sorted(f"['blocks_{i}']['attn']['{n}']['kernel']"
                     for i in range(CFG.layers) for n in ("q", "k", "v", "out"))
@@ -30,8 +32,8 @@ def test_mask_selects_exactly_attention_kernels():
 
 
 def test_training_changes_only_masked_leaves():
-  p0 = M.init_vision_params(CFG, jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  p0 = H.random_params(M.init_vision_params, CFG, seed=0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 1)), jnp.float32)
   y = jnp.arange(4) % 5
   mask = M.ftlo_mask(p0)
   frozen = jax.tree.map(lambda m: not m, mask)

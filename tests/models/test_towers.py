@@ -6,6 +6,10 @@ import pytest
 
 from saft_jax import models as M
 
+import hf_utils as H  # noqa: E402
+
+ENC = jax.jit(M.encode_image, static_argnums=0,
+              static_argnames=("compute_dtype", "return_blocks", "attention_impl", "remat"))
 CFG = M.VisionConfig(image_size=8, patch_size=2, width=32, layers=2, heads=2, output_dim=10,
                      in_channels=1)
 
@@ -49,8 +53,8 @@ def _np_reference_image(cfg, p, x):
 
 @pytest.fixture(scope="module")
 def setup():
-  p = M.init_vision_params(CFG, jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1), jnp.float32)
+  p = H.random_params(M.init_vision_params, CFG, seed=0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 1)), jnp.float32)
   return p, x
 
 
@@ -61,8 +65,22 @@ def test_matches_numpy_reference(setup):
   np.testing.assert_allclose(out, _np_reference_image(CFG, p, x), rtol=1e-5, atol=1e-5)
 
 
-def test_param_names_and_dtypes(setup):
-  p, _ = setup
+def test_init_values():
+  cfg = M.CLIPConfig(M.VisionConfig(image_size=4, patch_size=2, width=8, layers=1, heads=2,
+                                    output_dim=4),
+                     M.TextConfig(context_length=5, vocab_size=11, width=8, layers=1, heads=2,
+                                  output_dim=4))
+  p = jax.jit(M.init_clip_params, static_argnums=0)(cfg, jax.random.key(0))
+  assert all(a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
+             for a in jax.tree.leaves(p))
+  np.testing.assert_array_equal(p["visual"]["ln_pre"]["scale"], np.ones(8))
+  np.testing.assert_array_equal(p["text"]["blocks_0"]["attn"]["q"]["bias"], np.zeros(8))
+  assert float(jnp.std(p["text"]["token_embedding"])) > 0
+  np.testing.assert_allclose(p["logit_scale"], np.log(1 / 0.07), rtol=1e-4)
+
+
+def test_param_names_and_dtypes():
+  p = jax.eval_shape(lambda: M.init_vision_params(CFG, jax.random.key(0)))
   assert set(p) == {"conv1", "class_embedding", "positional_embedding", "ln_pre", "blocks_0",
                     "blocks_1", "ln_post", "proj"}
   assert set(p["blocks_0"]["attn"]) == {"q", "k", "v", "out"}
@@ -72,8 +90,8 @@ def test_param_names_and_dtypes(setup):
 @pytest.mark.parametrize("impl", ["xla", "dpa"])
 def test_attention_paths_and_blocks(setup, impl):
   p, x = setup
-  ref = M.encode_image(CFG, p, x, attention_impl="xla")
-  emb, blocks = M.encode_image(CFG, p, x, attention_impl=impl, return_blocks=True)
+  ref = ENC(CFG, p, x, attention_impl="xla")
+  emb, blocks = ENC(CFG, p, x, attention_impl=impl, return_blocks=True)
   # "dpa" pads 17 tokens to 24 and masks the padded keys: same result.
   np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-5)
   assert len(blocks) == CFG.layers and blocks[0].shape == (3, CFG.num_tokens, CFG.width)
@@ -81,15 +99,15 @@ def test_attention_paths_and_blocks(setup, impl):
 
 def test_bf16_close_to_f32_and_remat_grads(setup):
   p, x = setup
-  f32 = M.encode_image(CFG, p, x)
-  bf16 = M.encode_image(CFG, p, x, compute_dtype=jnp.bfloat16)
+  f32 = ENC(CFG, p, x)
+  bf16 = ENC(CFG, p, x, compute_dtype=jnp.bfloat16)
   assert bf16.dtype == jnp.float32
   # bf16 has an 8-bit mantissa: relative error ~ 2^-8 per op; stated tolerance 5e-2 of scale.
   scale = float(jnp.max(jnp.abs(f32)))
   assert float(jnp.max(jnp.abs(bf16 - f32))) < 5e-2 * scale
   loss = lambda q, remat: jnp.sum(M.encode_image(CFG, q, x, remat=remat) ** 2)
-  g0 = jax.grad(loss)(p, False)
-  g1 = jax.grad(loss)(p, True)
+  g0 = jax.jit(jax.grad(loss), static_argnums=1)(p, False)
+  g1 = jax.jit(jax.grad(loss), static_argnums=1)(p, True)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
 
 

@@ -21,9 +21,9 @@ def setup(tmp_path_factory):
   tok = M.load_tokenizer(d)
   cfg = M.CLIPConfig(M.VisionConfig(image_size=8, patch_size=4, width=16, layers=1, heads=2,
                                     output_dim=8),
-                     M.TextConfig(context_length=24, vocab_size=vocab, width=16, layers=2,
+                     M.TextConfig(context_length=24, vocab_size=vocab, width=16, layers=1,
                                   heads=2, output_dim=8))
-  clip = M.CLIP(cfg, jax.jit(M.init_clip_params, static_argnums=0)(cfg, jax.random.key(3)))
+  clip = M.CLIP(cfg, H.random_params(M.init_clip_params, cfg, seed=3))
   return tok, clip
 
 
