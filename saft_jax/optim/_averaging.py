@@ -36,6 +36,7 @@ def weight_averaging(
     period: int = 1,
     *,
     accumulator_dtype: Any = None,
+    axis_name: str | None = None,
     who: str = "weight_averaging",
 ) -> optax.GradientTransformationExtraArgs:
   """Averages the iterates produced by ``inner`` (updates pass through).
@@ -43,7 +44,8 @@ def weight_averaging(
   After ``update`` number ``t`` (0-based) the new params ``θ_{t+1} = θ_t + u_t``
   join the running mean when ``t >= start_step`` and
   ``(t − start_step) % period == 0``. Before the first average the state holds
-  the initial params.
+  the initial params. ``axis_name``: inside ``jax.shard_map``, ``pmean`` the
+  incoming gradient before ``inner`` (leave None when ``inner`` already does).
   """
   _base.check_positive(f"{who}: start_step", start_step, allow_zero=True)
   period = _base.check_period(f"{who}: period", period)
@@ -59,6 +61,7 @@ def weight_averaging(
 
   def update_fn(updates, state, params=None, **extra_args):
     _base.require_params(params, who)
+    updates = _base.pmean(updates, axis_name)
     new_updates, inner_state = inner.update(updates, state.inner_state, params,
                                             **extra_args)
     t = state.count
@@ -81,6 +84,7 @@ def swa(
     period: int = 1,
     *,
     accumulator_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Stochastic weight averaging: the base optimizer plus an iterate average.
 
@@ -88,7 +92,8 @@ def swa(
   ignored); ``averaged_params(state)`` returns the equal-weight mean of the
   iterates ``θ_{t+1}`` with ``t >= start_step`` and ``(t − start_step) %
   period == 0``. The running mean is kept in each param's dtype unless
-  ``accumulator_dtype`` (e.g. ``jnp.float32``) is given.
+  ``accumulator_dtype`` (e.g. ``jnp.float32``) is given. ``axis_name``: set
+  inside ``jax.shard_map`` to ``pmean`` the gradient over the data axis.
 
   References:
     Izmailov et al., Averaging Weights Leads to Wider Optima and Better
@@ -96,7 +101,8 @@ def swa(
   """
   _base.check_base_optimizer(base_optimizer, "swa")
   return weight_averaging(base_optimizer, start_step, period,
-                          accumulator_dtype=accumulator_dtype, who="swa")
+                          accumulator_dtype=accumulator_dtype, axis_name=axis_name,
+                          who="swa")
 
 
 def wa_sam(

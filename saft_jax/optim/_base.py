@@ -229,8 +229,37 @@ def check_same_structure(got: Any, want: Any, who: str) -> None:
           f"{jax.tree_util.keystr(path)}, expected {jnp.shape(p)}.")
 
 
-def call_grad_fn(grad_fn: GradFn, params: Any, who: str) -> Any:
-  """Evaluates grad_fn(params) with a helpful error under optax.masked."""
+def to_varying(tree: Any, axis_name: str | None) -> Any:
+  """Inside ``shard_map``: marks leaves as varying over ``axis_name``.
+
+  A gradient taken with respect to a replicated (invariant) value inside
+  ``shard_map`` is summed over the axis by JAX; with respect to a varying
+  value it stays shard-local, which is what per-shard SAM needs.
+  """
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    varying = getattr(mat, "varying", None)
+    if varying is None:
+      varying = getattr(aval, "vma", frozenset())
+    if axis_name in varying:
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+  return jax.tree.map(cast, tree)
+
+
+def call_grad_fn(grad_fn: GradFn, params: Any, who: str,
+                 axis_name: str | None = None) -> Any:
+  """Evaluates grad_fn(params) with a helpful error under optax.masked.
+
+  With ``axis_name`` (per-shard mode inside ``shard_map``) params are first
+  marked varying so that the returned gradient is shard-local.
+  """
+  params = to_varying(params, axis_name)
   if has_masked_nodes(params):
     try:
       out = grad_fn(params)
@@ -281,6 +310,8 @@ def init_key(key: Any, who: str) -> jax.Array:
     return jax.random.key_data(jax.random.key(key))
   if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key)
+  if not hasattr(key, "dtype"):
+    raise TypeError(f"{who}: key must be an int seed or a PRNG key, got {key!r}.")
   arr = jnp.asarray(key)
   if arr.dtype != jnp.uint32:
     raise TypeError(f"{who}: key must be an int seed or a PRNG key, got {key!r}.")

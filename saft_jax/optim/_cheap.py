@@ -51,9 +51,9 @@ class MSAMState(NamedTuple):
   base_state: optax.OptState
 
 
-def _sam_grad(g, params, grad_fn, rho, eps, who):
+def _sam_grad(g, params, grad_fn, rho, eps, who, axis_name):
   e = normalized_direction(g, rho, eps)
-  return _base.call_grad_fn(grad_fn, _base.add_perturbation(params, e), who)
+  return _base.call_grad_fn(grad_fn, _base.add_perturbation(params, e), who, axis_name)
 
 
 def looksam(
@@ -101,7 +101,7 @@ def looksam(
 
     def sam_step(g_v):
       del g_v
-      gs = _sam_grad(g, params, grad_fn, rho, eps, who)
+      gs = _sam_grad(g, params, grad_fn, rho, eps, who, axis_name)
       gs32 = jax.tree.map(lambda x: x.astype(F32), gs)
       coef = _base.tree_vdot(g, gs32) / (jnp.square(_base.global_norm(g)) + e32)
       gv = jax.tree.map(lambda s, gi: s - coef * gi.astype(F32), gs32, g)
@@ -153,7 +153,7 @@ def sam_every_k(
     _base.require_params(params, who)
     drive = jax.lax.cond(
         state.count % k == 0,
-        lambda: _base.cast_like(_sam_grad(updates, params, grad_fn, rho, eps, who),
+        lambda: _base.cast_like(_sam_grad(updates, params, grad_fn, rho, eps, who, axis_name),
                                 updates),
         lambda: updates)
     drive = _base.pmean(drive, axis_name)

@@ -102,7 +102,8 @@ def sharpness_transform(
     g = _base.masked_zero(updates, flags)
     eps, pstate, aux = perturb(g, params, state.perturb_state, state.count)
     eps = _base.masked_zero(eps, flags)
-    g_adv = _base.call_grad_fn(grad_fn, _base.add_perturbation(params, eps), who)
+    g_adv = _base.call_grad_fn(grad_fn, _base.add_perturbation(params, eps), who,
+                                axis_name)
     drive = g_adv if combine is None else combine(updates, g_adv, aux)
     drive = _base.pmean(_base.cast_like(drive, updates), axis_name)
     new_updates, base_state = base.update(drive, state.base_state, params, **extra_args)

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
+
+from saft_jax.optim import _base
 
 
 def per_shard_update(
@@ -33,7 +35,9 @@ def per_shard_update(
   transform (which MUST be built with the same ``axis_name``, e.g.
   ``sam(base, axis_name="data")``) ``pmean``-s the driving gradient before the
   base optimizer, so params, updates and optimizer state stay replicated.
-  ``loss`` is the mean of the shard losses. Apply the updates with
+  ``loss`` is the mean of the shard losses. Inputs are placed with
+  ``jax.device_put`` (params/state replicated, batch per ``batch_spec``), so
+  the step works on Auto and Explicit meshes. Apply the updates with
   ``optax.apply_updates`` and wrap the whole step in ``jax.jit``::
 
       tx = saft_jax.optim.asam(base, axis_name="data")
@@ -60,10 +64,31 @@ def per_shard_update(
   bspec = P(axis_name) if batch_spec is None else batch_spec
 
   def local(params, opt_state, batch):
-    loss, g = jax.value_and_grad(loss_fn)(params, batch)
-    grad_fn = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
+    # gradients w.r.t. varying params stay shard-local (w.r.t. replicated
+    # params JAX would psum them over the axis)
+    local_params = _base.to_varying(params, axis_name)
+    loss, g = jax.value_and_grad(loss_fn)(local_params, batch)
+    grad_fn = lambda p: jax.grad(loss_fn)(_base.to_varying(p, axis_name), batch)  # noqa: E731
     updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
     return jax.lax.pmean(loss, axis_name), updates, opt_state
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), bspec),
-                       out_specs=(P(), P(), P()))
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), bspec),
+                         out_specs=(P(), P(), P()))
+
+  def step(params, opt_state, batch):
+    # place the inputs as the specs say (required on Explicit-axis meshes;
+    # a no-op when they already are)
+    rep = NamedSharding(mesh, P())
+    params, opt_state = jax.device_put((params, opt_state), rep)
+    batch = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                         batch, _broadcast_spec(bspec, batch))
+    return mapped(params, opt_state, batch)
+
+  return step
+
+
+def _broadcast_spec(spec, tree):
+  if isinstance(spec, P):
+    return jax.tree.map(lambda _: spec, tree)
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), spec, tree,
+                      is_leaf=lambda x: isinstance(x, P))
