@@ -59,26 +59,42 @@ def checkpoint_format(path: str) -> str:
 
 
 class SafetensorsReader:
-  """Reads tensors of one ``.safetensors`` file one at a time."""
+  """Reads tensors of one ``.safetensors`` file one at a time.
+
+  Tensors are read with plain positioned reads of their byte range (the layout in the
+  header), not through ``safe_open``'s memory map, so pages of tensors already merged do
+  not stay mapped in the process (its resident set stays about one chunk).
+  """
 
   format = "safetensors"
 
   def __init__(self, path: str):
-    from safetensors import safe_open
     self.path = path
     with open(path, "rb") as f:
       n = int.from_bytes(f.read(8), "little")
       header = json.loads(f.read(n))
+    self._base = 8 + n
+    self._offsets = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
     self.metadata = header.pop("__metadata__", None)
     # File order (by data offset) so reads are sequential on disk.
     keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     self.paths: List[str] = keys
     self.shapes = {k: tuple(header[k]["shape"]) for k in keys}
     self.dtypes = {k: _np_dtype(_ST_DTYPES[header[k]["dtype"]]) for k in keys}
-    self._f = safe_open(path, framework="numpy")
 
   def read(self, paths: Sequence[str]) -> Dict[str, np.ndarray]:
-    return {p: self._f.get_tensor(p) for p in paths}
+    out = {}
+    with open(self.path, "rb") as f:
+      for p in paths:
+        start, end = self._offsets[p]
+        dtype = self.dtypes[p].newbyteorder("<")
+        count = (end - start) // dtype.itemsize
+        f.seek(self._base + start)
+        a = np.fromfile(f, dtype=dtype, count=count)
+        if a.size != count:
+          raise ValueError(f"{self.path}: tensor {p!r} is truncated")
+        out[p] = a.astype(self.dtypes[p], copy=False).reshape(self.shapes[p])
+    return out
 
   def units(self) -> Dict[str, str]:
     return {p: p for p in self.paths}
