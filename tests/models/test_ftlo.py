@@ -31,7 +31,8 @@ def test_mask_selects_exactly_attention_kernels():
     M.ftlo_mask({"w": jnp.ones(2)})
 
 
-def test_training_changes_only_masked_leaves():
+@pytest.mark.parametrize("method", ["adamw", "asam"])
+def test_training_changes_only_masked_leaves(method):
   p0 = H.random_params(M.init_vision_params, CFG, seed=0)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 1)), jnp.float32)
   y = jnp.arange(4) % 5
@@ -42,6 +43,9 @@ def test_training_changes_only_masked_leaves():
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.masked(optax.adamw(1e-2, weight_decay=0.1), mask),
                    optax.masked(optax.set_to_zero(), frozen))
+  if method == "asam":  # SAFT: ASAM around the masked AdamW, perturbing trainable leaves only
+    optim = pytest.importorskip("saft_jax.optim")
+    tx = optim.asam(tx, rho=0.5, eta=0.01, mask=mask)
 
   def loss(p):
     logits = M.encode_image(CFG, p, x)
@@ -49,8 +53,12 @@ def test_training_changes_only_masked_leaves():
 
   @jax.jit
   def step(p, s):
-    g = jax.grad(loss)(p)
-    u, s = tx.update(g, s, p)
+    grad_fn = jax.grad(loss)
+    g = grad_fn(p)
+    if method == "asam":
+      u, s = tx.update(g, s, p, grad_fn=grad_fn)
+    else:
+      u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   p, s = p0, tx.init(p0)

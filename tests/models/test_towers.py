@@ -129,3 +129,27 @@ def test_presets_hashable():
   assert M.vision_config("ViT-B/32") == M.VIT_B_32
   assert M.VIT_B_16.num_tokens == 197 and M.VIT_L_14.num_tokens == 257
   assert len({M.VIT_B_32, M.VIT_B_16, M.VIT_L_14, M.VIT_TINY}) == 4
+
+
+def test_text_tower_paths_causal_and_pooling():
+  cfg = M.TextConfig(context_length=13, vocab_size=20, width=16, layers=2, heads=2,
+                     output_dim=6)
+  p = H.random_params(M.init_text_params, cfg, seed=5)
+  rng = np.random.default_rng(0)
+  tok = rng.integers(1, 18, size=(3, 13)).astype(np.int32)
+  tok[:, 7] = 19  # end-of-text (largest id) at position 7
+  enc = jax.jit(M.encode_text, static_argnums=0,
+                static_argnames=("attention_impl", "return_blocks", "compute_dtype"))
+  ref, blocks = enc(cfg, p, tok, attention_impl="xla", return_blocks=True)
+  assert len(blocks) == 2 and blocks[0].shape == (3, 13, 16)
+  # "dpa" pads 13 -> 16 tokens; the causal mask hides the padded keys
+  np.testing.assert_allclose(enc(cfg, p, tok, attention_impl="dpa"), ref, rtol=1e-5, atol=1e-5)
+  # causal: tokens after the end-of-text position cannot change the embedding
+  tok2 = tok.copy()
+  tok2[:, 8:] = rng.integers(1, 18, size=(3, 5))
+  np.testing.assert_allclose(enc(cfg, p, tok2), ref, rtol=1e-6, atol=1e-6)
+  # eos-id pooling (first occurrence) equals argmax pooling when eos is the largest id
+  cfg_eos = M.TextConfig(**{**cfg.__dict__, "eos_token_id": 19})
+  np.testing.assert_allclose(enc(cfg_eos, p, tok), ref, rtol=1e-6, atol=1e-6)
+  bf16 = enc(cfg, p, tok, compute_dtype=jnp.bfloat16)
+  assert float(jnp.max(jnp.abs(bf16 - ref))) < 5e-2 * float(jnp.max(jnp.abs(ref)))
