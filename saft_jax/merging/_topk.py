@@ -54,7 +54,8 @@ def kth_largest_bits_groups(groups: Sequence[Sequence[jax.Array]],
 
   Returns:
     int32 array of shape ``(G,)``. All groups share one ``lax.fori_loop`` of 31 fused
-    counting passes, so the compiled program has one loop whatever ``G`` is.
+    counting passes, so the compiled program has one loop whatever ``G`` is. Memory: one
+    int32 copy of the inputs (the stacked bit patterns) while it runs.
   """
   groups = [[a for a in g if a.size] for g in groups]
   n_keeps = jnp.stack([jnp.asarray(n, jnp.int32) for n in n_keeps])
@@ -64,14 +65,23 @@ def kth_largest_bits_groups(groups: Sequence[Sequence[jax.Array]],
 @jax.jit
 def _kth_bits_jit(groups, n_keeps):
   # Jitted on its own so eager callers reuse one compiled loop per shape signature.
+  # Layout for few, large kernels: each group's |x| bit patterns are flattened into one
+  # vector, and groups of equal total size are stacked into one (n_groups, size) matrix,
+  # so a counting pass is one fused compare+reduce per distinct size (one in global mode),
+  # not one per leaf.
+  flat = [jnp.concatenate([abs_bits(a).ravel() for a in g]) if g
+          else jnp.zeros((0,), jnp.int32) for g in groups]
+  buckets = {}
+  for i, f in enumerate(flat):
+    buckets.setdefault(f.shape[0], []).append(i)
+  mats = [(jnp.asarray(idx, jnp.int32), jnp.stack([flat[i] for i in idx]))
+          for idx in buckets.values()]
+  order = jnp.asarray([i for idx in buckets.values() for i in idx], jnp.int32)
+  g = len(groups)
+
   def count_ge(t):
-    counts = []
-    for i, g in enumerate(groups):
-      c = jnp.zeros((), jnp.int32)
-      for a in g:
-        c = c + jnp.sum(abs_bits(a) >= t[i], dtype=jnp.int32)
-      counts.append(c)
-    return jnp.stack(counts)
+    counts = [jnp.sum(mat >= t[idx][:, None], axis=1, dtype=jnp.int32) for idx, mat in mats]
+    return jnp.zeros((g,), jnp.int32).at[order].set(jnp.concatenate(counts))
 
   # Invariant: count_ge(lo) >= n_keep  and  count_ge(hi) < n_keep (or hi is past +inf).
   def body(_, lohi):
@@ -80,7 +90,6 @@ def _kth_bits_jit(groups, n_keeps):
     ok = count_ge(mid) >= n_keeps
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-  g = len(groups)
   lo, _ = jax.lax.fori_loop(0, _N_STEPS, body,
                             (jnp.zeros((g,), jnp.int32),
                              jnp.full((g,), _INF_BITS + 1, jnp.int32)))
