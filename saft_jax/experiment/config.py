@@ -57,6 +57,7 @@ class ReproduceConfig:
     data_dir: CLIP suite: tensorflow-datasets data directory.
     pretrain_steps: offline suite: steps of the θ0 pretext pre-training.
     eval_batch_size: batch size of evaluation passes.
+    async_checkpoint: write orbax checkpoints in a background thread.
   """
   suite: str = "offline"
   tasks: Optional[tuple] = None
@@ -79,6 +80,7 @@ class ReproduceConfig:
   data_dir: Optional[str] = None
   pretrain_steps: int = 0
   eval_batch_size: int = 256
+  async_checkpoint: bool = True
 
   def __post_init__(self):
     for name, values, known in (("finetunes", self.finetunes, FINETUNES),

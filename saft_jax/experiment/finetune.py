@@ -136,5 +136,6 @@ def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, co
                          checkpoint_dir=os.path.join(run_dir, "ckpt"),
                          save_every=config.checkpoint_every,
                          log_every=max(1, config.steps // 4),
-                         metrics_path=os.path.join(run_dir, "metrics.jsonl"))
+                         metrics_path=os.path.join(run_dir, "metrics.jsonl"),
+                         ckpt_async=config.async_checkpoint)
   return to_task_vector(suite, finetune, result.best_params, frozen), result.best_metrics
