@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -53,6 +54,18 @@ def _analyze(args) -> int:
   return 0
 
 
+def _noise_sweep(args) -> int:
+  from saft_jax.experiment import defaults, noise_sweep
+
+  config = defaults.default_config("offline")
+  if args.steps:
+    config = dataclasses.replace(config, steps=args.steps)
+  knobs = args.knobs.split(",") if args.knobs else None
+  noise_sweep.noise_sweep(config, args.out, tasks=tuple(args.tasks.split(",")), knobs=knobs)
+  print(open(os.path.join(args.out, "sweep.md")).read())
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="saft", description=__doc__)
   parser.add_argument("-v", "--verbose", action="store_true", help="library log lines too")
@@ -76,6 +89,12 @@ def main(argv=None) -> int:
   ana.add_argument("--resolution", type=int, default=21, help="grid points per axis")
   ana.add_argument("--hessian-iters", type=int, default=20, help="Lanczos iterations")
   ana.set_defaults(func=_analyze)
+  sw = sub.add_parser("noise-sweep", help="effective-noise sweep on the offline suite (SPEC §9)")
+  sw.add_argument("--out", default="runs/noise_sweep", help="output directory")
+  sw.add_argument("--tasks", default="rot90,flip", help="the two tasks to merge")
+  sw.add_argument("--knobs", help="comma list out of lr,weight_decay,batch_size,augment")
+  sw.add_argument("--steps", type=int, help="fine-tuning steps per task")
+  sw.set_defaults(func=_noise_sweep)
   args = parser.parse_args(argv)
   _setup_logging(args.verbose)
   try:
