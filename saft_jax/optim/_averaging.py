@@ -55,7 +55,8 @@ def weight_averaging(
     return p.dtype if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
-    avg = jax.tree.map(lambda p: jnp.asarray(p).astype(dtype_of(p)), params)
+    # a copy, never an alias of params (params are often donated)
+    avg = jax.tree.map(lambda p: jnp.array(p, dtype=dtype_of(p), copy=True), params)
     return AveragingState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), avg,
                           inner.init(params))
 

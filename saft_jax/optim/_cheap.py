@@ -3,7 +3,12 @@
 LookSAM and ``sam_every_k`` evaluate the second gradient only on every k-th
 step, inside ``jax.lax.cond``: under ``jit`` the skipped branch is not run.
 (Under ``vmap`` a ``cond`` turns into a select and both branches run.)
-MSAM never evaluates a second gradient.
+XLA:CPU runs a large ``cond`` branch much slower than the same code inline
+(measured 2.4x for a ViT gradient), so both also accept a static extra
+argument ``sharpness_step: bool`` that picks the kind of step at trace time:
+compile the two kinds of step separately (e.g. ``jax.jit(step,
+static_argnames="sharpness_step")`` called with ``t % k == 0``) and no
+``cond`` is emitted. MSAM never evaluates a second gradient.
 """
 from __future__ import annotations
 
@@ -51,6 +56,14 @@ class MSAMState(NamedTuple):
   base_state: optax.OptState
 
 
+def _static_flag(flag, who) -> bool:
+  if not isinstance(flag, bool):
+    raise TypeError(
+        f"{who}: sharpness_step must be a static Python bool (mark it static in "
+        f"jax.jit), got {type(flag).__name__}.")
+  return flag
+
+
 def _sam_grad(g, params, grad_fn, rho, eps, who, axis_name):
   e = normalized_direction(g, rho, eps)
   return _base.call_grad_fn(grad_fn, _base.add_perturbation(params, e), who, axis_name)
@@ -71,6 +84,8 @@ def looksam(
   ``g_s`` orthogonal to ``g`` is stored,
   ``g_v = g_s − (g·g_s/‖g‖²) g``; the driving gradient is ``g_s``. On the other
   steps no extra gradient is evaluated: ``g_s = g + α (‖g‖/‖g_v‖) g_v``.
+  ``update(..., sharpness_step=True/False)`` (static) overrides the
+  ``t mod k`` schedule and avoids the ``cond`` (see the module docstring).
 
   Args:
     base_optimizer: optax transformation fed with ``g_s``.
@@ -94,7 +109,8 @@ def looksam(
                         jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params),
                         base.init(params))
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grad_fn=None, sharpness_step=None,
+                **extra_args):
     grad_fn = _base.require_grad_fn(grad_fn, who)
     _base.require_params(params, who)
     g = updates
@@ -113,7 +129,10 @@ def looksam(
       gs = jax.tree.map(lambda gi, v: (gi.astype(F32) + a * v).astype(gi.dtype), g, g_v)
       return gs, g_v
 
-    drive, g_v = jax.lax.cond(state.count % k == 0, sam_step, reuse_step, state.g_v)
+    if sharpness_step is None:
+      drive, g_v = jax.lax.cond(state.count % k == 0, sam_step, reuse_step, state.g_v)
+    else:
+      drive, g_v = (sam_step if _static_flag(sharpness_step, who) else reuse_step)(state.g_v)
     drive = _base.pmean(drive, axis_name)
     new_updates, base_state = base.update(drive, state.base_state, params, **extra_args)
     return new_updates, LookSAMState(_base.count_inc(state.count), g_v, base_state)
@@ -133,6 +152,8 @@ def sam_every_k(
 
   Off-steps feed the clean gradient to the base optimizer and evaluate no
   extra gradient, so the average cost is ``1 + 1/k`` gradients per step.
+  ``update(..., sharpness_step=True/False)`` (static) overrides the
+  ``t mod k`` schedule and avoids the ``cond`` (see the module docstring).
 
   References:
     Foret et al., ICLR 2021 (SAM); the periodic schedule is studied in
@@ -148,14 +169,17 @@ def sam_every_k(
   def init_fn(params):
     return EveryKState(jnp.zeros([], jnp.int32), base.init(params))
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grad_fn=None, sharpness_step=None,
+                **extra_args):
     grad_fn = _base.require_grad_fn(grad_fn, who)
     _base.require_params(params, who)
-    drive = jax.lax.cond(
-        state.count % k == 0,
-        lambda: _base.cast_like(_sam_grad(updates, params, grad_fn, rho, eps, who, axis_name),
-                                updates),
-        lambda: updates)
+    on = lambda: _base.cast_like(  # noqa: E731
+        _sam_grad(updates, params, grad_fn, rho, eps, who, axis_name), updates)
+    off = lambda: updates  # noqa: E731
+    if sharpness_step is None:
+      drive = jax.lax.cond(state.count % k == 0, on, off)
+    else:
+      drive = (on if _static_flag(sharpness_step, who) else off)()
     drive = _base.pmean(drive, axis_name)
     new_updates, base_state = base.update(drive, state.base_state, params, **extra_args)
     return new_updates, EveryKState(_base.count_inc(state.count), base_state)

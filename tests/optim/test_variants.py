@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from saft_jax import optim
 import optim_testlib as tl
@@ -253,3 +254,22 @@ def test_wa_sam_is_sam_plus_average():
                                rtol=2e-5, atol=1e-6)
   want = np.mean(xs[1:] + [tl.flat(final)], axis=0)
   np.testing.assert_allclose(tl.flat(optim.averaged_params(state)), want, rtol=1e-5)
+
+
+def test_static_sharpness_step_matches_cond_schedule():
+  """sharpness_step=(t % k == 0) as a static arg == the in-graph t mod k schedule."""
+  params, a, b = tl.quad_problem(16)
+  gf = tl.quad_grad_fn(a, b)
+  for tx in (optim.looksam(optax.sgd(LR), 0.3, k=2), optim.sam_every_k(optax.sgd(LR), 0.3, k=2)):
+    step = jax.jit(lambda p, s, flag, tx=tx: tx.update(gf(p), s, p, grad_fn=gf,
+                                                       sharpness_step=flag),
+                   static_argnums=2)
+    p_static, s_static = params, tx.init(params)
+    _, us, _, _ = _run(tx, params, a, b, 4)
+    for t in range(4):
+      u, s_static = step(p_static, s_static, t % 2 == 0)
+      np.testing.assert_allclose(tl.flat(u), us[t], rtol=1e-6, atol=1e-7)
+      p_static = optax.apply_updates(p_static, u)
+  with pytest.raises(TypeError, match="sharpness_step"):
+    jax.jit(lambda p, s, f: tx.update(gf(p), s, p, grad_fn=gf, sharpness_step=f))(
+        params, tx.init(params), True)
