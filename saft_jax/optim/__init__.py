@@ -4,6 +4,18 @@ Every factory takes a base optax optimizer and returns an
 ``optax.GradientTransformationExtraArgs`` whose ``update`` is called as
 ``tx.update(grads, state, params, grad_fn=grad_fn)`` with ``grads`` the clean
 gradient of the batch and ``grad_fn(params) -> grads`` on the same batch.
+``TRANSFORMS`` maps every factory's name to the factory.
+
+Frozen leaves: either pass ``mask=`` (perturb only trainable leaves; mask the
+base optimizer yourself, e.g. ``optax.multi_transform``), or put the transform
+inside ``optax.masked`` / ``optax.multi_transform`` and wrap the gradient
+function with ``masked_grad_fn(grad_fn, params)``: there the transform sees
+``optax.MaskedNode`` leaves, which the wrapper fills with the current frozen
+values before calling your full-tree ``grad_fn``.
+
+Data parallel: under ``jax.jit`` with a sharded batch the perturbation uses the
+global batch. ``axis_name=`` + ``per_shard_update`` give one perturbation per
+shard (m-sharpness), gradients averaged afterwards.
 """
 from saft_jax.optim._averaging import (AveragingState, averaged_params, swa,
                                        unperturbed_params, wa_sam, weight_averaging)

@@ -98,6 +98,7 @@ def looksam(
   """
   who = "looksam"
   _base.check_positive(f"{who}: rho", rho)
+  _base.check_positive(f"{who}: eps", eps)
   _base.check_positive(f"{who}: alpha", alpha, allow_zero=True)
   k = _base.check_period(f"{who}: k", k)
   _base.check_base_optimizer(base_optimizer, who)
@@ -162,6 +163,7 @@ def sam_every_k(
   """
   who = "sam_every_k"
   _base.check_positive(f"{who}: rho", rho)
+  _base.check_positive(f"{who}: eps", eps)
   k = _base.check_period(f"{who}: k", k)
   _base.check_base_optimizer(base_optimizer, who)
   base = optax.with_extra_args_support(base_optimizer)
@@ -219,6 +221,7 @@ def msam(
   """
   who = "msam"
   _base.check_positive(f"{who}: rho", rho)
+  _base.check_positive(f"{who}: eps", eps)
   _base.check_fraction(f"{who}: beta", beta)
   _base.check_base_optimizer(base_optimizer, who)
   base = optax.with_extra_args_support(base_optimizer)

@@ -54,7 +54,7 @@ def sam(
     Generalization, ICLR 2021. https://arxiv.org/abs/2010.01412
   """
   _base.check_positive("sam: rho", rho)
-  _base.check_positive("sam: eps", eps, allow_zero=True)
+  _base.check_positive("sam: eps", eps)
 
   def perturb(g, params, pstate, count):
     del params, count
@@ -106,7 +106,7 @@ def asam(
   _base.check_choice("asam variant", variant, ("spec", "released"))
   _base.check_positive("asam: rho", rho)
   _base.check_positive("asam: eta", eta, allow_zero=True)
-  _base.check_positive("asam: eps", eps, allow_zero=True)
+  _base.check_positive("asam: eps", eps)
   if weight_predicate is not None and not callable(weight_predicate):
     raise TypeError("asam: weight_predicate must be callable (path, leaf) -> bool.")
   if variant == "released":

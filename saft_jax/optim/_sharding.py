@@ -7,6 +7,13 @@ For per-shard perturbations (one ε per shard, as in the original JAX SAM code;
 "m-sharpness" with m = per-shard batch size), build the transform with
 ``axis_name=`` and run its ``update`` inside ``jax.shard_map`` — which is what
 ``per_shard_update`` does.
+
+Writing the ``shard_map`` yourself: take the clean gradient with respect to
+params marked *varying* over the axis
+(``jax.lax.pcast(params, axis, to="varying")``). With respect to replicated
+params JAX sums the gradient over the axis, which is not the shard-local
+gradient. The transforms mark the perturbed params varying before calling
+``grad_fn`` themselves.
 """
 from __future__ import annotations
 

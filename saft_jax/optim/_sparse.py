@@ -55,6 +55,7 @@ def _n_keep(params, sparsity) -> tuple[int, int]:
 def _ssam(who, base_optimizer, rho, sparsity, update_freq, key, eps, mask,
           axis_name, refresh, refresh_at_zero):
   _base.check_positive(f"{who}: rho", rho)
+  _base.check_positive(f"{who}: eps", eps)
   _base.check_fraction(f"{who}: sparsity", sparsity)
   if _base._concrete(sparsity) is None:  # noqa: SLF001
     raise TypeError(f"{who}: sparsity must be static (static_args in inject_hyperparams).")

@@ -55,6 +55,7 @@ def friendly_sam(
     https://arxiv.org/abs/2403.12350
   """
   _base.check_positive("friendly_sam: rho", rho)
+  _base.check_positive("friendly_sam: eps", eps)
   _base.check_positive("friendly_sam: sigma", sigma, allow_zero=True)
   _base.check_fraction("friendly_sam: lmbda", lmbda)
 
@@ -101,6 +102,7 @@ def gsam(
     Training, ICLR 2022. https://arxiv.org/abs/2203.08065
   """
   _base.check_positive("gsam: rho", rho)
+  _base.check_positive("gsam: eps", eps)
   _base.check_positive("gsam: alpha", alpha, allow_zero=True)
 
   def perturb(g, params, pstate, count):
@@ -142,6 +144,7 @@ def sagm(
     CVPR 2023. https://arxiv.org/abs/2303.10353
   """
   _base.check_positive("sagm: rho", rho)
+  _base.check_positive("sagm: eps", eps)
   _base.check_positive("sagm: alpha", alpha, allow_zero=True)
 
   def perturb(g, params, pstate, count):
@@ -178,6 +181,7 @@ def pgn(
     Generalization in Deep Learning, ICML 2022. https://arxiv.org/abs/2202.03599
   """
   _base.check_positive("pgn: rho", rho)
+  _base.check_positive("pgn: eps", eps)
   _base.check_positive("pgn: alpha", alpha, allow_zero=True)
 
   def perturb(g, params, pstate, count):

@@ -133,3 +133,10 @@ def test_mask_argument_perturbs_only_trainable_leaves():
   g = gf(params)["dense2"]["kernel"]
   eps = seen[0]["dense2"]["kernel"] - params["dense2"]["kernel"]
   assert jnp.allclose(eps, 0.5 * g / jnp.linalg.norm(g), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in optim.TRANSFORMS
+                                        if n not in ("swa", "rwp")))
+def test_eps_guard_must_be_positive(name):
+  with pytest.raises(ValueError, match="eps"):
+    tl.make(name, eps=0.0)
