@@ -109,19 +109,21 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
   mergeable = {p: is_mergeable(p, np.zeros((), pre.dtypes[p]), exclude) for p in pre.paths}
   stats = {"passes": 0, "chunks": len(chunks)}
 
-  def read(chunk):
-    """(θ0 chunk, [τ_t chunk], [θ_t chunk]) as dicts path -> jnp array."""
-    theta0 = {p: jnp.asarray(a) for p, a in pre.read(chunk).items()}
-    thetas = [{p: jnp.asarray(a) for p, a in r.read(chunk).items()} for r in fts]
-    return theta0, thetas
+  def load(reader, chunk):
+    return {p: jnp.asarray(a) for p, a in reader.read(chunk).items()}
 
-  def tvs_of(theta0, thetas):
-    return [task_vector(theta0, th, exclude=exclude) for th in thetas]
+  def read_models(chunk):
+    """(θ0 chunk, [θ_t chunk]) as dicts path -> jnp array."""
+    return load(pre, chunk), [load(r, chunk) for r in fts]
+
+  def read_tvs(chunk):
+    """(θ0 chunk, [τ_t chunk]); each θ_t is dropped as soon as its τ_t exists."""
+    theta0 = load(pre, chunk)
+    return theta0, [task_vector(theta0, load(r, chunk), exclude=exclude) for r in fts]
 
   def each_chunk():
     stats["passes"] += 1
-    for chunk in chunks:
-      yield chunk, *read(chunk)
+    yield from chunks
 
   thr = None
   majority = None
@@ -131,27 +133,33 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
       n = sum(int(np.prod(pre.shapes[p], dtype=np.int64)) for p in pre.paths if mergeable[p])
       n_keep = _topk.keep_count(k, max(n, 1))
       # One pair of histogram passes gives every task's threshold.
-      hist_passes = _multi_task_histogram(each_chunk, tvs_of, mergeable, tcount, n_keep)
-      thr = hist_passes
+      thr = _multi_task_histogram(each_chunk, read_tvs, mergeable, tcount, n_keep)
     total = 0
-    for chunk, theta0, thetas in each_chunk():
-      tvs = tvs_of(theta0, thetas)
+    for chunk in each_chunk():
+      _, tvs = read_tvs(chunk)
       trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim)
+      del tvs
       for p in chunk:
         if mergeable[p] and nbytes[p]:
           total += int(_ties.sign_total_leaf(_ties.sum_sign_leaf([t[p] for t in trimmed])))
+      del trimmed
     majority = jnp.float32(np.sign(total))
 
   writer = _io.create_writer(out_path, pre, overwrite=overwrite)
   try:
-    for chunk, theta0, thetas in each_chunk():
+    for chunk in each_chunk():
       if method == "weight_average":
+        _, thetas = read_models(chunk)
         out = weight_average(thetas, exclude=exclude)
+        del thetas
       elif method == "task_arithmetic":
-        out = task_arithmetic(theta0, tvs_of(theta0, thetas), lam, exclude=exclude)
+        theta0, tvs = read_tvs(chunk)
+        out = task_arithmetic(theta0, tvs, lam, exclude=exclude)
+        del theta0, tvs
       else:
-        tvs = tvs_of(theta0, thetas)
+        theta0, tvs = read_tvs(chunk)
         trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim)
+        del tvs
         merged = {}
         for p in chunk:
           x0 = theta0[p]
@@ -162,6 +170,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
           else:
             merged[p] = jnp.zeros_like(x0)
         out = apply_task_vector(theta0, merged, lam, exclude=exclude)
+        del theta0, trimmed, merged
       writer.write({p: np.asarray(out[p]) for p in chunk})
       del out
   except BaseException:
@@ -193,28 +202,30 @@ def _trim_chunk(tvs, chunk, mergeable, thr, k, trim):
   return out
 
 
-def _multi_task_histogram(each_chunk, tvs_of, mergeable, tcount, n_keep):
+def _multi_task_histogram(each_chunk, read_tvs, mergeable, tcount, n_keep):
   """Exact global per-task thresholds (int32 bit patterns) in two streaming passes."""
   hist = np.zeros((tcount, 1 << 15), np.int64)
-  for chunk, theta0, thetas in each_chunk():
-    tvs = tvs_of(theta0, thetas)
+  for chunk in each_chunk():
+    _, tvs = read_tvs(chunk)
     for i, tv in enumerate(tvs):
       for p in chunk:
         if mergeable[p] and tv[p].size:
           hist[i] += np.bincount((_topk.np_abs_bits(tv[p]) >> 16).ravel(),
                                  minlength=1 << 15)[: 1 << 15]
+    del tvs
   ge = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
   high = [int(np.nonzero(ge[i] >= n_keep)[0].max()) for i in range(tcount)]
   need = [n_keep - (int(ge[i, high[i] + 1]) if high[i] + 1 < ge.shape[1] else 0)
           for i in range(tcount)]
   hist2 = np.zeros((tcount, 1 << 16), np.int64)
-  for chunk, theta0, thetas in each_chunk():
-    tvs = tvs_of(theta0, thetas)
+  for chunk in each_chunk():
+    _, tvs = read_tvs(chunk)
     for i, tv in enumerate(tvs):
       for p in chunk:
         if mergeable[p] and tv[p].size:
           bits = _topk.np_abs_bits(tv[p]).ravel()
           hist2[i] += np.bincount(bits[(bits >> 16) == high[i]] & 0xFFFF, minlength=1 << 16)
+    del tvs
   ge2 = np.cumsum(hist2[:, ::-1], axis=1)[:, ::-1]
   return [jnp.int32((high[i] << 16) | int(np.nonzero(ge2[i] >= need[i])[0].max()))
           for i in range(tcount)]
