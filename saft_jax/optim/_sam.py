@@ -129,17 +129,16 @@ def asam(
     del count
     flags = flags_of(params)
     eta32 = _base.f32(eta)
+    # T = 1 (a scalar) on non-weight leaves. No None sentinel: params may be a
+    # partitioned tree whose frozen leaves are None (absent), e.g. FTLO training.
+    one = jnp.ones((), _base.F32)
     t = jax.tree.map(
-        lambda p, w: jnp.abs(p.astype(_base.F32)) + eta32 if w else None,
+        lambda p, w: jnp.abs(p.astype(_base.F32)) + eta32 if w else one,
         params, flags)
-    tg = jax.tree.map(lambda gi, ti: gi.astype(_base.F32) if ti is None
-                      else ti * gi.astype(_base.F32), g, t,
-                      is_leaf=lambda x: x is None)
+    tg = jax.tree.map(lambda gi, ti: ti * gi.astype(_base.F32), g, t)
     denom = _base.global_norm(tg) + _base.f32(eps)
     r = _base.f32(rho)
-    e = jax.tree.map(lambda x, ti: (x / denom) * r if ti is None
-                     else ((ti * x) / denom) * r, tg, t,
-                     is_leaf=lambda x: x is None)
+    e = jax.tree.map(lambda x, ti: ((ti * x) / denom) * r, tg, t)
     return e, pstate, None
 
   return sharpness_transform("asam", base_optimizer, perturb=perturb, mask=mask,
