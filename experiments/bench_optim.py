@@ -146,7 +146,8 @@ def main(argv=None):
 
   def make_step(tx):
     """Returns call(params, opt_state, batch, t) running one jitted step."""
-    tx, k = tx if isinstance(tx, tuple) else (tx, None)
+    # GradientTransformations are NamedTuples too: (tx, k) rows have an int k
+    tx, k = tx if isinstance(tx[1], int) else (tx, None)
 
     def step(params, opt_state, batch, sharpness_step=None):
       loss, g = jax.value_and_grad(loss_fn)(params, batch)
