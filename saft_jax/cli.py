@@ -17,8 +17,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _reproduce(args) -> int:
+  from saft_jax import train
   from saft_jax.experiment import config as config_lib
   from saft_jax.experiment import defaults, runner
+
+  train.maybe_initialize_distributed()  # multi-host runs: before any JAX computation
 
   config = (config_lib.load_config_file(args.config) if args.config
             else defaults.default_config(args.suite))

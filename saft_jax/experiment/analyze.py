@@ -95,11 +95,25 @@ def _plus(params0, tv, scale=1.0):
   return jax.tree.map(lambda p, t: p + scale * t, params0, tv)
 
 
-def analyze_method(suite, finetune, saft, tvs, tasks, data, *, alphas, lam_fixed,
-                   hessian_iters, key):
-  """All numbers for one (method, sharpness) pair."""
+def _features_fn(suite):
+  def features(params, x):
+    emb, blocks = models.encode_image(suite.vision, params, x, return_blocks=True,
+                                      compute_dtype=suite.compute_dtype)
+    feats = {f"block_{i}": b[:, 0] for i, b in enumerate(blocks)}  # class-token stream
+    feats["embedding"] = emb
+    return feats
+  return features
+
+
+def analyze_method(suite, finetune, saft, tvs, tasks, data, fns, features, *, alphas,
+                   lam_fixed, hessian_iters, key):
+  """All numbers for one (method, sharpness) pair.
+
+  ``fns[t] = (logits(params, x), loss(params))`` and ``features`` are built once per
+  fine-tuning method and shared by its sharpness settings, so their compiled kernels
+  are reused.
+  """
   t1, t2 = tasks[0], tasks[1]
-  fns = {t: _model_fns(suite, finetune, t, *data[t]) for t in tasks}
   xs = (data[t1][0], data[t2][0])
   others = tvs[2:]
   out = {}
@@ -116,12 +130,6 @@ def analyze_method(suite, finetune, saft, tvs, tasks, data, *, alphas, lam_fixed
     out[f"joint_loss_{name}"] = jl.joint
   out["alphas"] = np.asarray(alphas)
   if finetune != "ftts":
-    def features(params, x):
-      emb, blocks = models.encode_image(suite.vision, params, x, return_blocks=True,
-                                        compute_dtype=suite.compute_dtype)
-      feats = {f"block_{i}": b[:, 0] for i, b in enumerate(blocks)}  # class-token stream
-      feats["embedding"] = emb
-      return feats
     ctl = analysis.cross_task_linearity(features, _plus(suite.params0, tvs[0]),
                                         _plus(suite.params0, tvs[1]), list(xs))
     out["ctl"] = ctl.as_dict() if hasattr(ctl, "as_dict") else dict(zip(ctl.names, ctl.dis_cos[0]))
@@ -163,13 +171,15 @@ def analyze_run(run_dir: str, *, out_dir: str | None = None, resolution: int = 2
                      f"{tasks[0]!r} × {tasks[1]!r}, α ∈ [−2, 2] ({resolution} points); all-task "
                      f"variant and merges use λ = {lam_fixed}; {num_examples} validation "
                      "examples per task.", ""]
+  features = _features_fn(suite)
   for finetune in config.finetunes:
     per = {}
+    fns = {t: _model_fns(suite, finetune, t, *data[t]) for t in tasks}
     for saft in config.safts:
       tvs = load_task_vectors(run_dir, finetune, saft, seed, tasks)
       per[method_label(finetune, saft)] = analyze_method(
-          suite, finetune, saft, tvs, tasks, data, alphas=alphas, lam_fixed=lam_fixed,
-          hessian_iters=hessian_iters, key=key)
+          suite, finetune, saft, tvs, tasks, data, fns, features, alphas=alphas,
+          lam_fixed=lam_fixed, hessian_iters=hessian_iters, key=key)
     results[finetune] = per
     md += _plots_and_tables(finetune, per, tasks, alphas, out_dir)
   with open(os.path.join(out_dir, "analysis.json"), "w") as f:
@@ -181,7 +191,7 @@ def analyze_run(run_dir: str, *, out_dir: str | None = None, resolution: int = 2
 
 
 def _plots_and_tables(finetune, per, tasks, alphas, out_dir):
-  name = config_lib.FINETUNES and finetune
+  name = finetune
   md = [f"## {name.upper()}", ""]
   for kind, label in (("xi", "ξ(α1, α2)"), ("joint_loss", "joint-task loss")):
     grids = {f"{m} ({v})": r[f"{kind}_{v}"] for m, r in per.items()

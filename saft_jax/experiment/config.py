@@ -49,7 +49,8 @@ class ReproduceConfig:
     eval_every: validation (and best-checkpoint) period in steps.
     checkpoint_every: periodic checkpoint period in steps.
     compute_dtype: "float32" or "bfloat16" (params stay float32).
-    mesh_shape: devices along the ``data`` axis (``None``: all devices).
+    mesh_shape: devices along the ``data`` axis (``None``: all devices if there are
+      several; ``1``: a single device without sharding annotations).
     optim: optimizer settings.
     augment: data augmentation during fine-tuning (offline suite: 1-pixel shifts).
     clip_checkpoint: CLIP suite: path of the open_clip / Hugging Face checkpoint.

@@ -85,7 +85,7 @@ def grid_accuracy(counter, params0, direction, lams, head,
   for images, labels, mask in batches:
     correct += np.asarray(counter(params0, direction, lams, head, images,
                                   labels, mask))
-    total += int(np.sum(mask))
+    total += int(jnp.sum(mask))  # works for global (multi-process) arrays too
   if total == 0:
     raise ValueError("no evaluation examples: the split is empty")
   return correct / total

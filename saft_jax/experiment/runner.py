@@ -105,7 +105,10 @@ def reproduce(config, out_dir: str) -> list[dict]:
   t_start = time.time()
   suite = build_suite(config, out_dir)
   tasks = list(suite.tasks)
-  mesh = train_lib.make_mesh((config.mesh_shape or -1,)) if config.mesh_shape else None
+  # Batches are sharded over all devices (all processes) on the mesh's `data` axis.
+  # mesh_shape None: all devices when there are several; 1: one device, no sharding.
+  use_mesh = config.mesh_shape != 1 and (config.mesh_shape or jax.device_count() > 1)
+  mesh = train_lib.make_mesh((config.mesh_shape or -1,)) if use_mesh else None
   counters = {"plain": evaluate.make_grid_counter(suite.features_fn(), chunk=8),
               "linear": evaluate.make_linear_grid_counter(suite.features_fn())}
   records = []
@@ -114,9 +117,11 @@ def reproduce(config, out_dir: str) -> list[dict]:
       counter = counters["linear" if finetune == "ftts" else "plain"]
 
       def accuracy(direction, lams, task, split):
-        return evaluate.grid_accuracy(
-            counter, suite.params0, direction, lams, suite.heads[task],
-            data_lib.eval_batches(suite.tasks[task], split, config.eval_batch_size))
+        batches = data_lib.eval_batches(suite.tasks[task], split, config.eval_batch_size)
+        if mesh is not None:
+          batches = (train_lib.shard_batch(b, mesh) for b in batches)
+        return evaluate.grid_accuracy(counter, suite.params0, direction, lams,
+                                      suite.heads[task], batches)
 
       for saft in config.safts:
         tvs = _finetune_all(suite, config, out_dir, finetune, saft, seed, mesh)

@@ -32,7 +32,7 @@ def _config(ckpt, **kw):
               checkpoint_every=3, eval_batch_size=16, clip_checkpoint=ckpt,
               # tfds.testing.mock_data patches file I/O that orbax's background commit
               # thread relies on; synchronous saves are unaffected.
-              async_checkpoint=False)
+              async_checkpoint=False, mesh_shape=1)
   base.update(kw)
   return config_lib.ReproduceConfig(**base)
 

@@ -18,7 +18,7 @@ TASKS = ("digits", "rot90", "parity")
 def _config(**kw):
   base = dict(suite="offline", tasks=TASKS, finetunes=("sgd",), safts=("none", "asam"),
               steps=8, batch_size=32, eval_every=4, checkpoint_every=4, pretrain_steps=20,
-              eval_batch_size=256,
+              eval_batch_size=256, mesh_shape=1,
               optim=config_lib.OptimConfig(lr=1e-3, warmup_steps=2))
   base.update(kw)
   return config_lib.ReproduceConfig(**base)
@@ -116,8 +116,9 @@ def test_analyze_errors(tmp_path, run_dir):
 
 
 def test_linearized_and_attention_only_methods(tmp_path):
+  # mesh_shape=None: batches sharded over the 8 fake devices (the data-parallel path).
   cfg = _config(tasks=("digits", "parity"), finetunes=("ftts", "ftlo"), safts=("asam",),
-                merges=("task_arithmetic",), protocols=("fixed",))
+                merges=("task_arithmetic",), protocols=("fixed",), mesh_shape=None)
   records = runner.reproduce(cfg, str(tmp_path))
   assert {r["finetune"] for r in records} == {"ftts", "ftlo"}
   suite = runner.build_suite(cfg, str(tmp_path))
