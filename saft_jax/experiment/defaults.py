@@ -1,6 +1,8 @@
 """Built-in default configs of ``saft reproduce --suite NAME``."""
 from __future__ import annotations
 
+import os
+
 from saft_jax.experiment.config import OptimConfig, ReproduceConfig
 
 
@@ -8,14 +10,21 @@ def offline_config() -> ReproduceConfig:
   """The offline digits suite: small enough for 2 CPU cores (see README)."""
   return ReproduceConfig(
       suite="offline", finetunes=("sgd",), safts=("none", "asam"),
-      steps=200, batch_size=64, eval_every=50, checkpoint_every=100, eval_batch_size=512,
+      steps=200, batch_size=64, eval_every=50, checkpoint_every=100, eval_batch_size=128,
       pretrain_steps=1000,
       optim=OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=20, clip_norm=1.0))
 
 
 def clip_config(model: str = "ViT-B-32") -> ReproduceConfig:
-  """The paper's protocol (SPEC §5) for a CLIP checkpoint on the 8 tasks."""
+  """The paper's protocol (SPEC §5) for a CLIP checkpoint on the 8 tasks.
+
+  Local paths come from the environment: ``CLIP_CHECKPOINT`` (default
+  ``checkpoints/<model>``), ``CLIP_TOKENIZER_DIR`` and ``TFDS_DATA_DIR``.
+  """
   return ReproduceConfig(
+      clip_checkpoint=os.environ.get("CLIP_CHECKPOINT", os.path.join("checkpoints", model)),
+      tokenizer_dir=os.environ.get("CLIP_TOKENIZER_DIR"),
+      data_dir=os.environ.get("TFDS_DATA_DIR"),
       suite="clip", tasks=("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397",
                            "svhn"),
       finetunes=("sgd", "ftts", "ftlo"), safts=("none", "asam"), steps=8000, batch_size=128,

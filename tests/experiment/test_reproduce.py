@@ -18,7 +18,7 @@ TASKS = ("digits", "rot90", "parity")
 def _config(**kw):
   base = dict(suite="offline", tasks=TASKS, finetunes=("sgd",), safts=("none", "asam"),
               steps=8, batch_size=32, eval_every=4, checkpoint_every=4, pretrain_steps=20,
-              eval_batch_size=256, mesh_shape=1,
+              eval_batch_size=128, mesh_shape=1,
               optim=config_lib.OptimConfig(lr=1e-3, warmup_steps=2))
   base.update(kw)
   return config_lib.ReproduceConfig(**base)
