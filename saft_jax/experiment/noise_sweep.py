@@ -10,7 +10,10 @@ two tasks and measures
   (``θ0 + ½(τ_A + τ_B)``, the midpoint of the path between the two models),
   mean over the two tasks;
 * ``barrier`` — the joint-task loss barrier (``L_A + L_B`` on validation data)
-  on the straight line between the two fine-tuned models.
+  on the straight line between the two fine-tuned models (``max`` over the line of the
+  loss minus the chord; 0 when the path is convex);
+* ``midpoint_excess`` — the same difference at the midpoint (negative: the merged
+  model's joint loss is below the average of the endpoints'; the JTL-linearity gap).
 
 Outputs: ``sweep.json``, ``sweep.md`` and ``sweep.png`` (one panel per knob).
 """
@@ -75,9 +78,10 @@ def sweep_point(suite, config, out_dir, saft, tasks, counter):
 
   ends = [jax.tree.map(lambda a, b: a + b, suite.params0, tv) for tv in tvs]
   barrier = analysis.loss_barrier([loss_of(t) for t in tasks], ends[0], ends[1], 11)
+  mid = int(np.argmin(np.abs(np.asarray(barrier.alphas) - 0.5)))
   return dict(ft_acc=ft, merged_acc=merged,
               merged_norm_acc=float(np.mean(np.array(merged) / np.maximum(ft, 1e-12))),
-              barrier=float(barrier.barrier))
+              barrier=float(barrier.barrier), midpoint_excess=float(barrier.excess[mid]))
 
 
 def noise_sweep(base_config, out_dir: str, *, tasks=("rot90", "flip"), safts=("none", "asam"),
@@ -103,8 +107,8 @@ def noise_sweep(base_config, out_dir: str, *, tasks=("rot90", "flip"), safts=("n
         point_dir = os.path.join(out_dir, "sweep", f"{knob}={value}")
         r = sweep_point(suite, config, point_dir, saft, list(tasks), counter)
         rows.append(dict(knob=knob, value=value, saft=saft, **r))
-        logger.info("sweep %s=%s %s: merged norm acc %.4f, barrier %.4f", knob, value, saft,
-                    r["merged_norm_acc"], r["barrier"])
+        logger.info("sweep %s=%s %s: merged norm acc %.4f, barrier %.4f, midpoint excess %.4f",
+                    knob, value, saft, r["merged_norm_acc"], r["barrier"], r["midpoint_excess"])
   write_sweep(out_dir, rows, tasks)
   return rows
 
@@ -117,14 +121,15 @@ def write_sweep(out_dir, rows, tasks):
         "Merged = weight average of the two task models; barrier = joint-task loss barrier on "
         "the line between them.", ""]
   header = ["knob", "value"] + [f"{method_label('sgd', s)} {m}" for s in
-                                sorted({r['saft'] for r in rows}) for m in ("norm acc", "barrier")]
+                                sorted({r['saft'] for r in rows})
+                                for m in ("norm acc", "barrier", "midpoint excess")]
   table = []
   for knob in dict.fromkeys(r["knob"] for r in rows):
     for value in dict.fromkeys(r["value"] for r in rows if r["knob"] == knob):
       cells = [knob, value]
       for s in sorted({r["saft"] for r in rows}):
         r = next(r for r in rows if (r["knob"], r["value"], r["saft"]) == (knob, value, s))
-        cells += [r["merged_norm_acc"], r["barrier"]]
+        cells += [r["merged_norm_acc"], r["barrier"], r["midpoint_excess"]]
       table.append(cells)
   md.append(analysis.markdown_table(header, table))
   with open(os.path.join(out_dir, "sweep.md"), "w") as f:
@@ -141,11 +146,11 @@ def write_sweep(out_dir, rows, tasks):
       xs = [str(p["value"]) for p in pts]
       ax.plot(xs, [p["merged_norm_acc"] for p in pts], "o-", color=color,
               label=f"{method_label('sgd', s)} norm acc")
-      twin.plot(xs, [p["barrier"] for p in pts], "s--", color=color, alpha=0.5,
-                label=f"{method_label('sgd', s)} barrier")
+      twin.plot(xs, [p["midpoint_excess"] for p in pts], "s--", color=color, alpha=0.5,
+                label=f"{method_label('sgd', s)} midpoint excess")
     ax.set_xlabel(knob)
     ax.set_ylabel("merged normalized accuracy")
-    twin.set_ylabel("loss barrier (dashed)")
+    twin.set_ylabel("joint-loss midpoint excess (dashed)")
   axes[0][0].legend(fontsize=7, loc="lower left")
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "sweep.png"), dpi=110)

@@ -30,7 +30,20 @@ def test_sweep_files_and_midpoint_accuracy(tmp_path):
     x, y = suite.tasks[t].splits["test"]
     pred = np.argmax(np.asarray(evaluate.head_logits(fn(mid, x), suite.heads[t])), -1)
     assert got == pytest.approx(float(np.mean(pred == y)), abs=1e-9)
-  assert np.isfinite(rows[1]["barrier"])
+  assert np.isfinite(rows[1]["barrier"]) and rows[1]["barrier"] >= 0.0
+  # midpoint excess: joint loss at the midpoint minus the mean of the endpoints' joint losses
+  import optax
+  ends = [jax.tree.map(lambda p, t: p + t, suite.params0, tv) for tv in tvs]
+
+  def joint(params):
+    total = 0.0
+    for t in ("rot90", "flip"):
+      x, y = suite.tasks[t].splits["val"]
+      logits = evaluate.head_logits(fn(params, x), suite.heads[t])
+      total += float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    return total
+  want = joint(mid) - 0.5 * (joint(ends[0]) + joint(ends[1]))
+  assert rows[1]["midpoint_excess"] == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_sweep_bad_input(tmp_path):
