@@ -80,7 +80,8 @@ def main(argv=None) -> int:
   rep.add_argument("--out", default="runs/offline", help="run directory")
   rep.add_argument("--all-methods", action="store_true", help="add FTTS and FTLO to SGD")
   rep.add_argument("--finetunes", help="comma list out of sgd,ftts,ftlo")
-  rep.add_argument("--safts", help="comma list out of none,sam,asam")
+  rep.add_argument("--safts", help="comma list out of none,sam,asam and the other SAM-family "
+                   "transforms (gsam, looksam, ...)")
   rep.add_argument("--merges", help="'all' or a comma list of merge methods")
   rep.add_argument("--seeds", type=int, help="number of seeds (0..N-1); mean ± std reported")
   rep.add_argument("--steps", type=int, help="fine-tuning steps per task")

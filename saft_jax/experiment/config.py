@@ -11,7 +11,10 @@ import importlib.util
 from typing import Optional
 
 FINETUNES = ("sgd", "ftts", "ftlo")
-SAFTS = ("none", "sam", "asam")
+# Sharpness settings of the main job: "none" (plain AdamW) or a saft_jax.optim transform
+# whose returned params are the model (SWA / WA-SAM / MSAM need their own extraction).
+SAFTS = ("none", "sam", "asam", "friendly_sam", "gsam", "sagm", "pgn", "ssam_f", "ssam_d",
+         "rwp", "looksam", "sam_every_k")
 BASIC_MERGES = ("weight_average", "task_arithmetic", "ties")
 EXTRA_MERGES = ("dare_ties", "breadcrumbs", "magmax", "consensus", "tsv_m", "iso_c")
 

@@ -13,6 +13,7 @@ the best validation accuracy. Runs resume from their orbax checkpoints.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 
@@ -23,6 +24,7 @@ import optax
 from saft_jax import data as data_lib
 from saft_jax import models, optim
 from saft_jax import train as train_lib
+from saft_jax.experiment import config as config_lib
 from saft_jax.experiment.evaluate import head_logits
 
 logger = logging.getLogger("saft_jax.experiment")
@@ -31,6 +33,7 @@ logger = logging.getLogger("saft_jax.experiment")
 def make_optimizer(config, saft: str, total_steps: int):
   """The protocol's AdamW chain, wrapped by SAM/ASAM when ``saft`` asks for it."""
   o = config.optim
+  # Short smoke runs keep at least half of their steps after the warm-up.
   base = train_lib.make_base_optimizer(o.lr, total_steps, min(o.warmup_steps, total_steps // 2),
                                        o.weight_decay, o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
   if saft == "none":
@@ -39,7 +42,12 @@ def make_optimizer(config, saft: str, total_steps: int):
     return optim.sam(base, rho=o.sam_rho)
   if saft == "asam":
     return optim.asam(base, rho=o.asam_rho, eta=o.asam_eta)
-  raise ValueError(f"unknown sharpness setting {saft!r}; known: none, sam, asam")
+  if saft in config_lib.SAFTS:  # the other SAM-family transforms, with their defaults
+    factory = optim.TRANSFORMS[saft]
+    if "key" in inspect.signature(factory).parameters:
+      return factory(base, key=jax.random.key(0))
+    return factory(base)
+  raise ValueError(f"unknown sharpness setting {saft!r}; known: {config_lib.SAFTS}")
 
 
 def _train_objective(features, head, batch):
