@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import os
 
 import jax
@@ -26,8 +25,6 @@ from saft_jax import models, optim
 from saft_jax import train as train_lib
 from saft_jax.experiment import config as config_lib
 from saft_jax.experiment.evaluate import head_logits
-
-logger = logging.getLogger("saft_jax.experiment")
 
 
 def make_optimizer(config, saft: str, total_steps: int):

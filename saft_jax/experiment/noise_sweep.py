@@ -29,11 +29,10 @@ import numpy as np
 import optax
 
 from saft_jax import analysis
-from saft_jax import data as data_lib
 from saft_jax.experiment import config as config_lib
 from saft_jax.experiment import evaluate
 from saft_jax.experiment.report import method_label
-from saft_jax.experiment.runner import _finetune_all, build_suite
+from saft_jax.experiment.runner import build_suite, finetune_all, task_accuracy
 
 logger = logging.getLogger("saft_jax.experiment")
 
@@ -57,17 +56,14 @@ def _with_knob(config, knob, value):
   raise ValueError(f"unknown knob {knob!r}; known: {sorted(KNOBS)}")
 
 
-def _test_acc(counter, suite, task, direction, lam, batch):
-  return float(evaluate.grid_accuracy(counter, suite.params0, direction, [lam], suite.heads[task],
-                                      data_lib.eval_batches(suite.tasks[task], "test", batch))[0])
-
-
 def sweep_point(suite, config, out_dir, saft, tasks, counter):
   """Fine-tunes the two tasks under ``config``; returns the point's measurements."""
-  tvs = _finetune_all(suite, config, out_dir, "sgd", saft, config.seeds[0], None)
-  ft = [_test_acc(counter, suite, t, tv, 1.0, config.eval_batch_size) for t, tv in zip(tasks, tvs)]
+  tvs = finetune_all(suite, config, out_dir, "sgd", saft, config.seeds[0], None)
+  test_acc = lambda direction, lam, t: float(
+      task_accuracy(counter, suite, direction, [lam], t, "test", config.eval_batch_size)[0])
+  ft = [test_acc(tv, 1.0, t) for t, tv in zip(tasks, tvs)]
   both = jax.tree.map(lambda a, b: a + b, *tvs)
-  merged = [_test_acc(counter, suite, t, both, 0.5, config.eval_batch_size) for t in tasks]
+  merged = [test_acc(both, 0.5, t) for t in tasks]
   feats = suite.features_fn()
 
   def loss_of(task):

@@ -78,7 +78,18 @@ def merge_candidates(merge: str, tvs: list, seed: int = 0) -> list[search.Candid
   return [search.Candidate({}, _extra_direction(merge, tvs, seed), lams, default=True)]
 
 
-def _finetune_all(suite, config, out_dir, finetune, saft, seed, mesh):
+def task_accuracy(counter, suite, direction, lams, task: str, split: str, batch_size: int,
+                  mesh=None):
+  """Accuracy of ``θ0 + λ·direction`` on ``task``'s ``split`` for every ``λ`` in ``lams``."""
+  batches = data_lib.eval_batches(suite.tasks[task], split, batch_size)
+  if mesh is not None:
+    batches = (train_lib.shard_batch(b, mesh) for b in batches)
+  return evaluate.grid_accuracy(counter, suite.params0, direction, lams, suite.heads[task],
+                                batches)
+
+
+def finetune_all(suite, config, out_dir, finetune, saft, seed, mesh):
+  """Task vectors of every task of ``suite`` (reused from ``out_dir`` when finished)."""
   tvs = []
   for t in suite.tasks:
     run_dir = os.path.join(out_dir, "ft", f"{finetune}-{saft}", f"seed{seed}", t)
@@ -119,14 +130,11 @@ def reproduce(config, out_dir: str) -> list[dict]:
       counter = counters["linear" if finetune == "ftts" else "plain"]
 
       def accuracy(direction, lams, task, split):
-        batches = data_lib.eval_batches(suite.tasks[task], split, config.eval_batch_size)
-        if mesh is not None:
-          batches = (train_lib.shard_batch(b, mesh) for b in batches)
-        return evaluate.grid_accuracy(counter, suite.params0, direction, lams,
-                                      suite.heads[task], batches)
+        return task_accuracy(counter, suite, direction, lams, task, split,
+                             config.eval_batch_size, mesh)
 
       for saft in config.safts:
-        tvs = _finetune_all(suite, config, out_dir, finetune, saft, seed, mesh)
+        tvs = finetune_all(suite, config, out_dir, finetune, saft, seed, mesh)
         ft_val = np.array([accuracy(tv, [1.0], t, "val")[0] for tv, t in zip(tvs, tasks)])
         ft_test = np.array([accuracy(tv, [1.0], t, "test")[0] for tv, t in zip(tvs, tasks)])
         for merge in config.merges:

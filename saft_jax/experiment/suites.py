@@ -57,19 +57,11 @@ class Suite:
   vision: models.VisionConfig
   compute_dtype: Any = jnp.float32
 
-  def features(self, params, images):
-    """Image features ``[B, D]`` of the encoder (not normalized)."""
-    return models.encode_image(self.vision, params, images, compute_dtype=self.compute_dtype)
-
   def features_fn(self) -> Callable:
+    """``features(params, images) -> [B, D]`` image features (not normalized)."""
     vision, dtype = self.vision, self.compute_dtype
     return lambda params, images: models.encode_image(vision, params, images,
                                                       compute_dtype=dtype)
-
-
-def _batches_on_mesh(batches, mesh):
-  for b in batches:
-    yield train_lib.shard_batch(b, mesh) if mesh is not None else b
 
 
 def features_of(suite: Suite, params, task, split: str, batch_size: int):

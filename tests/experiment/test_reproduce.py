@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from saft_jax import cli
-from saft_jax import data as data_lib
 from saft_jax.experiment import analyze, config as config_lib, evaluate, runner
-from saft_jax.experiment.store import load_tree
 
 TASKS = ("digits", "rot90", "parity")
 
