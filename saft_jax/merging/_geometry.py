@@ -4,10 +4,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 
-from ._task_vectors import (ExcludeFn, PyTree, apply_task_vector, check_like,
+from ._task_vectors import (ExcludeFn, PyTree, check_like,
                             check_task_vectors, flatten, is_mergeable, leaf_dtype,
                             map_mergeable)
 

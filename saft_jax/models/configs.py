@@ -29,8 +29,23 @@ def _check_common(name: str, width: int, layers: int, heads: int, mlp_ratio: flo
     raise ValueError(f"{name}: mlp_ratio must be positive, got {mlp_ratio}")
 
 
+class _TowerDims:
+  """Sizes derived from `width`, `heads` and `mlp_ratio` (shared by both towers)."""
+  width: int
+  heads: int
+  mlp_ratio: float
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(round(self.width * self.mlp_ratio))
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_TowerDims):
   """Vision transformer (CLIP image tower).
 
   Attributes:
@@ -72,17 +87,9 @@ class VisionConfig:
     """Patches plus the class token."""
     return self.grid_size ** 2 + 1
 
-  @property
-  def mlp_dim(self) -> int:
-    return int(round(self.width * self.mlp_ratio))
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.heads
-
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_TowerDims):
   """Causal text transformer (CLIP text tower).
 
   Attributes:
@@ -108,14 +115,6 @@ class TextConfig:
   def __post_init__(self):
     _check_common("TextConfig", self.width, self.layers, self.heads, self.mlp_ratio,
                   self.act, self.output_dim)
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(round(self.width * self.mlp_ratio))
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.heads
 
 
 @dataclasses.dataclass(frozen=True)
