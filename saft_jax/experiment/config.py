@@ -7,8 +7,10 @@ file, ``--suite NAME`` takes a built-in default (:func:`default_config`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
-from typing import Optional
+import typing
+from typing import Any, Optional, Sequence
 
 FINETUNES = ("sgd", "ftts", "ftlo")
 # Sharpness settings of the main job: "none" (plain AdamW) or a saft_jax.optim transform
@@ -100,6 +102,9 @@ class ReproduceConfig:
                        f"accum_steps {self.accum_steps}")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+    if (not isinstance(self.seeds, tuple) or not self.seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
+      raise ValueError(f"seeds must be a non-empty tuple of ints, got {self.seeds!r}")
 
 
 def replace(config: ReproduceConfig, **changes) -> ReproduceConfig:
@@ -125,3 +130,238 @@ def load_config_file(path: str) -> ReproduceConfig:
     raise TypeError(f"{path}: get_config() returned {type(config).__name__}, "
                     "expected saft_jax.experiment.config.ReproduceConfig")
   return config
+
+
+# ----------------------------------------------------------------------------------------
+# Overrides: ``key=value`` assignments with dotted keys ("steps", "optim.asam_rho").
+# ----------------------------------------------------------------------------------------
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_NONES = ("none", "null")
+
+
+def _is_group(hint) -> bool:
+  """Whether a field's type is a nested config dataclass (a group, not a value)."""
+  return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _field_hints(obj) -> dict:
+  """Resolved type hints of the fields of a dataclass instance, in field order."""
+  hints = typing.get_type_hints(type(obj))
+  return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def config_keys(config: ReproduceConfig | OptimConfig) -> list[str]:
+  """All settable dotted keys of a config, e.g. ``"steps"``, ``"optim.asam_rho"``.
+
+  Args:
+    config: a :class:`ReproduceConfig` (or a nested config such as :class:`OptimConfig`).
+
+  Returns:
+    The keys in field order; nested dataclass fields are expanded with dots and the
+    nested dataclass itself (``"optim"``) is not a key.
+  """
+  keys = []
+  for name, hint in _field_hints(config).items():
+    if _is_group(hint):
+      keys += [f"{name}.{k}" for k in config_keys(getattr(config, name))]
+    else:
+      keys.append(name)
+  return keys
+
+
+def _level_names(obj, prefix: str) -> list[str]:
+  """The keys of one nesting level as shown in errors (groups as ``"optim.*"``)."""
+  return [f"{prefix}{n}.*" if _is_group(h) else f"{prefix}{n}"
+          for n, h in _field_hints(obj).items()]
+
+
+def _unknown_key(config, key: str, obj, prefix: str, part: str) -> ValueError:
+  """The error for an unknown ``part`` of ``key`` at the level ``obj`` / ``prefix``."""
+  candidates = {n: prefix + n for n in _field_hints(obj)}
+  if not prefix:  # top level: a bare nested name ("asam_rho") suggests "optim.asam_rho"
+    for full in config_keys(config):
+      candidates.setdefault(full.rsplit(".", 1)[-1], full)
+  close = difflib.get_close_matches(part, list(candidates), n=1)
+  hint = f" did you mean {candidates[close[0]]!r}?" if close else ""
+  where = f" in {prefix[:-1]}" if prefix else ""
+  return ValueError(f"--set {key}: unknown key {part!r}{where};{hint} valid keys: "
+                    f"{', '.join(_level_names(obj, prefix))}")
+
+
+def _resolve(config, key: str) -> tuple[Any, str, Any]:
+  """``(owner, field name, type hint)`` of a dotted key; a clear error otherwise."""
+  obj, prefix, parts = config, "", key.split(".")
+  for i, part in enumerate(parts):
+    hints = _field_hints(obj)
+    if part not in hints:
+      raise _unknown_key(config, key, obj, prefix, part)
+    hint = hints[part]
+    last = i == len(parts) - 1
+    if _is_group(hint) and last:
+      sub = getattr(obj, part)
+      raise ValueError(f"--set {key}: {key!r} is a group of settings, not a value; "
+                       f"set one of {', '.join(_level_names(sub, prefix + part + '.'))}")
+    if not last:
+      if not _is_group(hint):
+        raise ValueError(f"--set {key}: {prefix + part!r} is a value, not a group of "
+                         "settings")
+      obj, prefix = getattr(obj, part), prefix + part + "."
+  return obj, parts[-1], hint
+
+
+def _unwrap_optional(hint) -> tuple[Any, bool]:
+  """``(X, True)`` for ``Optional[X]``, ``(hint, False)`` otherwise."""
+  if typing.get_origin(hint) is typing.Union:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and len(typing.get_args(hint)) == 2:
+      return args[0], True
+  return hint, False
+
+
+def _is_tuple(hint) -> bool:
+  return hint is tuple or typing.get_origin(hint) is tuple
+
+
+def _tuple_element_type(owner, name: str, hint) -> type:
+  """Element type of a tuple field (bool, int, float, else str).
+
+  ``tuple[T, ...]`` gives ``T``; a bare ``tuple`` follows the first element of the
+  field's current value, or of its declared default when that is ``None`` or empty.
+  """
+  args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+  if len(args) == 1 and args[0] in (bool, int, float, str):
+    return args[0]
+  field = next(f for f in dataclasses.fields(owner) if f.name == name)
+  for sample in (getattr(owner, name), field.default):
+    if isinstance(sample, tuple) and sample:
+      return next((t for t in (bool, int, float) if isinstance(sample[0], t)), str)
+  return str
+
+
+_NAMES = {bool: "a bool (true/false/1/0/yes/no)", int: "an int", float: "a float",
+          str: "a str"}
+
+
+def _parse_scalar(kind: type, text: str):
+  """``text`` as ``kind`` (bool, int, float or str); ``ValueError`` otherwise."""
+  if kind is bool:
+    if text.strip().lower() not in _BOOLS:
+      raise ValueError(text)
+    return _BOOLS[text.strip().lower()]
+  return kind(text)
+
+
+def parse_value(config: ReproduceConfig, key: str, text: str) -> Any:
+  """Converts ``text`` to the declared type of the field ``key`` of ``config``.
+
+  Args:
+    config: the config to read field types (and tuple element types) from.
+    key: a dotted key out of :func:`config_keys`.
+    text: the value as written on a command line. Tuples are comma-separated (their
+      elements follow the type of the field's current or default elements: int, float,
+      else str); ``Optional`` fields take ``none`` / ``null``; bools take
+      true/false/1/0/yes/no (case-insensitive).
+
+  Returns:
+    The parsed value.
+
+  Raises:
+    ValueError: an unknown key, or text that is not of the field's type; the message
+      names the key, the expected type and the text.
+  """
+  owner, name, hint = _resolve(config, key)
+  kind, optional = _unwrap_optional(hint)
+  if optional and text.strip().lower() in _NONES:
+    return None
+  if _is_tuple(kind):
+    element = _tuple_element_type(owner, name, kind)
+    expected = f"a comma-separated tuple of {element.__name__}s"
+  elif kind in _NAMES:
+    element, expected = kind, _NAMES[kind]
+  else:
+    raise ValueError(f"--set {key}: fields of type {hint} cannot be set from text")
+  if optional:
+    expected += " or none"
+  try:
+    if not _is_tuple(kind):
+      return _parse_scalar(kind, text if kind is str else text.strip())
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or not all(items):
+      raise ValueError(text)
+    return tuple(_parse_scalar(element, t) for t in items)
+  except ValueError:
+    raise ValueError(f"--set {key}: expected {expected}, got {text!r}") from None
+
+
+def set_value(config: ReproduceConfig, key: str, value: Any) -> ReproduceConfig:
+  """A copy of ``config`` with the field ``key`` (dotted) set to ``value``.
+
+  The dataclasses' own ``__post_init__`` validation runs on the new config.
+
+  Args:
+    config: the config to change (it is not modified).
+    key: a dotted key out of :func:`config_keys`.
+    value: the new (already parsed) value.
+
+  Returns:
+    The new config; ``config`` itself is unchanged.
+  """
+  _resolve(config, key)
+  *groups, name = key.split(".")
+  owners = [config]
+  for group in groups:
+    owners.append(getattr(owners[-1], group))
+  new = dataclasses.replace(owners.pop(), **{name: value})
+  for group in reversed(groups):
+    new = dataclasses.replace(owners.pop(), **{group: new})
+  return new
+
+
+def _split_assignment(assignment: str) -> tuple[str, str]:
+  """``"key=value"`` → ``(key, value)``, split at the first ``=``."""
+  key, sep, text = assignment.partition("=")
+  if not sep or not key.strip():
+    raise ValueError(f"--set {assignment!r}: expected key=value")
+  return key.strip(), text
+
+
+def apply_overrides(config: ReproduceConfig, assignments: Sequence[str]) -> ReproduceConfig:
+  """Applies ``"key=value"`` assignments in order (see :func:`parse_value`).
+
+  Args:
+    config: the config to change (it is not modified).
+    assignments: e.g. ``["steps=100", "optim.asam_rho=0.02", "tasks=digits,rot90"]``.
+
+  Returns:
+    The new config.
+  """
+  for assignment in assignments:
+    key, text = _split_assignment(assignment)
+    config = set_value(config, key, parse_value(config, key, text))
+  return config
+
+
+def parse_sweep_values(config: ReproduceConfig, assignment: str) -> tuple[str, list]:
+  """``"key=v1,v2,v3"`` → ``(key, [v1, v2, v3])``, each parsed by :func:`parse_value`.
+
+  Tuple-typed fields separate their values with ``;`` (each value a comma list):
+  ``"tasks=digits,rot90;flip,invert"`` → ``("tasks", [("digits", "rot90"),
+  ("flip", "invert")])``.
+
+  Raises:
+    ValueError: an unknown key, a value that does not parse, an empty value or the same
+      value twice.
+  """
+  key, text = _split_assignment(assignment)
+  _, _, hint = _resolve(config, key)
+  separator = ";" if _is_tuple(_unwrap_optional(hint)[0]) else ","
+  pieces = text.split(separator)
+  if not all(p.strip() for p in pieces):
+    raise ValueError(f"--set {key}: empty value in sweep {text!r} "
+                     f"(values are separated by {separator!r})")
+  values = [parse_value(config, key, p) for p in pieces]
+  duplicates = [p for i, (p, v) in enumerate(zip(pieces, values)) if v in values[:i]]
+  if duplicates:
+    raise ValueError(f"--set {key}: duplicate sweep value(s) {duplicates} in {text!r}")
+  return key, values
