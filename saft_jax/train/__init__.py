@@ -10,14 +10,18 @@ from saft_jax.train.optimizer import make_base_optimizer
 from saft_jax.train.partition import combine, mask_from_predicate, partition
 from saft_jax.train.progress import MetricsWriter, Progress
 from saft_jax.train.schedule import warmup_cosine_schedule
+from saft_jax.train.stacked import StackedFitResult, fit_stacked
 from saft_jax.train.state import TrainState, init_train_state
-from saft_jax.train.step import cast_floating, evaluate, make_eval_step, make_train_step
+from saft_jax.train.step import (cast_floating, evaluate, make_eval_step, make_stacked_eval_step,
+                                 make_stacked_train_step, make_train_step,
+                                 stacked_batch_sharding)
 
 __all__ = [
     "Checkpointer", "DATA_AXIS", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
-    "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit",
+    "StackedFitResult", "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit", "fit_stacked",
     "init_train_state", "linearized_consts", "linearized_loss", "make_base_optimizer",
-    "make_eval_step", "make_mesh", "make_train_step", "mask_from_predicate",
+    "make_eval_step", "make_stacked_eval_step", "make_stacked_train_step",
+    "make_mesh", "make_train_step", "mask_from_predicate",
     "maybe_initialize_distributed", "partition", "partitioned_loss", "replicate",
-    "replicated_sharding", "shard_batch", "warmup_cosine_schedule",
+    "replicated_sharding", "shard_batch", "stacked_batch_sharding", "warmup_cosine_schedule",
 ]

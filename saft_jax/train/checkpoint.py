@@ -44,9 +44,9 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._state.should_save(step)
 
-  def save(self, state, *, force: bool = False) -> bool:
-    """Saves ``state`` under ``int(state.step)`` if due (or ``force``)."""
-    step = int(state.step)
+  def save(self, state, *, force: bool = False, step: int | None = None) -> bool:
+    """Saves ``state`` under ``step`` (default ``int(state.step)``) if due (or ``force``)."""
+    step = int(state.step) if step is None else int(step)
     if step in self._state.all_steps():
       return False
     return self._state.save(step, args=ocp.args.StandardSave(state), force=force)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from saft_jax.train import mesh as mesh_lib
@@ -76,28 +77,9 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=None,
-                    accum_steps: int = 1, donate: bool = True, compute_dtype=None,
-                    lr_schedule: Callable | None = None, data_axis: str = mesh_lib.DATA_AXIS):
-  """Builds the jitted ``step(state, frozen, batch) -> (state, metrics)``.
-
-  Args:
-    loss_fn: ``loss_fn(trainable, frozen, batch) -> (scalar loss, aux dict of scalars)``;
-      the loss must be a MEAN over the examples of ``batch``.
-    tx: an optax transform; plain ones are wrapped with ``optax.with_extra_args_support``.
-      It is called ``tx.update(grads, opt_state, params, grad_fn=grad_fn)``.
-    mesh: a ``jax.sharding.Mesh``; the batch is sharded on ``data_axis``, state and
-      frozen are replicated. ``None``: plain ``jax.jit`` (no sharding annotations).
-    accum_steps: micro-batches per step (gradient accumulation with ``lax.scan``).
-    donate: donate the input state's buffers.
-    compute_dtype: e.g. ``jnp.bfloat16``: trainable and frozen floating leaves are cast
-      to it inside the loss; parameters, optimizer state and gradients stay f32.
-    lr_schedule: optional ``count -> lr`` reported as ``metrics["lr"]``.
-
-  Returns:
-    The jitted step. ``metrics`` holds ``loss``, ``grad_norm`` (clean gradient),
-    ``finite`` (loss, gradient and new params finite), the aux means, and ``lr``.
-  """
+def _step_body(loss_fn: LossFn, tx, accum_steps: int, compute_dtype, lr_schedule, mesh,
+               data_axis: str):
+  """The un-jitted ``step(state, frozen, batch) -> (state, metrics)`` (see make_train_step)."""
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
   if not isinstance(tx, optax.GradientTransformationExtraArgs):
@@ -127,6 +109,32 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=N
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     return TrainState(state.step + 1, params, opt_state), metrics
 
+  return step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=None,
+                    accum_steps: int = 1, donate: bool = True, compute_dtype=None,
+                    lr_schedule: Callable | None = None, data_axis: str = mesh_lib.DATA_AXIS):
+  """Builds the jitted ``step(state, frozen, batch) -> (state, metrics)``.
+
+  Args:
+    loss_fn: ``loss_fn(trainable, frozen, batch) -> (scalar loss, aux dict of scalars)``;
+      the loss must be a MEAN over the examples of ``batch``.
+    tx: an optax transform; plain ones are wrapped with ``optax.with_extra_args_support``.
+      It is called ``tx.update(grads, opt_state, params, grad_fn=grad_fn)``.
+    mesh: a ``jax.sharding.Mesh``; the batch is sharded on ``data_axis``, state and
+      frozen are replicated. ``None``: plain ``jax.jit`` (no sharding annotations).
+    accum_steps: micro-batches per step (gradient accumulation with ``lax.scan``).
+    donate: donate the input state's buffers.
+    compute_dtype: e.g. ``jnp.bfloat16``: trainable and frozen floating leaves are cast
+      to it inside the loss; parameters, optimizer state and gradients stay f32.
+    lr_schedule: optional ``count -> lr`` reported as ``metrics["lr"]``.
+
+  Returns:
+    The jitted step. ``metrics`` holds ``loss``, ``grad_norm`` (clean gradient),
+    ``finite`` (loss, gradient and new params finite), the aux means, and ``lr``.
+  """
+  step = _step_body(loss_fn, tx, accum_steps, compute_dtype, lr_schedule, mesh, data_axis)
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
@@ -135,15 +143,49 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=N
                  out_shardings=(repl, repl), donate_argnums=donate_argnums)
 
 
+def stacked_batch_sharding(mesh, data_axis: str = mesh_lib.DATA_AXIS):
+  """Sharding of a stacked batch ``[members, B, ...]``: ``B`` on ``data_axis``."""
+  mesh_lib.batch_sharding(mesh, data_axis)  # validates the axis
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, data_axis))
+
+
+def make_stacked_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                            frozen_axes: Any = 0, mesh=None, accum_steps: int = 1,
+                            donate: bool = True, compute_dtype=None,
+                            data_axis: str = mesh_lib.DATA_AXIS):
+  """Like :func:`make_train_step` for ``M`` independent runs trained in one program.
+
+  ``jax.vmap`` of the same step over a leading *member* axis: every leaf of the state
+  and of the batch has shape ``[M, ...]`` (member ``m`` sees only its own batch, its own
+  gradient norms and SAM perturbation, its own optimizer state), ``frozen`` is mapped
+  according to ``frozen_axes`` (a ``vmap`` ``in_axes`` prefix: ``0`` for per-member
+  leaves, ``None`` for leaves shared by every member, e.g. θ0). Metrics are ``[M]``.
+  On a mesh the per-member batch axis (axis 1) is sharded on ``data_axis``.
+  """
+  step = _step_body(loss_fn, tx, accum_steps, compute_dtype, None, mesh, data_axis)
+  stacked = jax.vmap(step, in_axes=(0, frozen_axes, 0))
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(stacked, donate_argnums=donate_argnums)
+  repl = mesh_lib.replicated_sharding(mesh)
+  return jax.jit(stacked, in_shardings=(repl, repl, stacked_batch_sharding(mesh, data_axis)),
+                 out_shardings=(repl, repl), donate_argnums=donate_argnums)
+
+
+def _eval_body(metric_fn, compute_dtype):
+  def eval_step(params, frozen, batch):
+    if compute_dtype is not None:
+      params, frozen = cast_floating(params, compute_dtype), cast_floating(frozen, compute_dtype)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), metric_fn(params, frozen, batch))
+  return eval_step
+
+
 def make_eval_step(metric_fn: Callable[[Any, Any, Any], dict], *, mesh=None, compute_dtype=None,
                    data_axis: str = mesh_lib.DATA_AXIS):
   """Jitted ``eval_step(params, frozen, batch) -> dict`` of per-batch SUMS
   (e.g. ``{"correct": ..., "count": ..., "loss_sum": ...}``) from
   ``metric_fn(trainable, frozen, batch)``."""
-  def eval_step(params, frozen, batch):
-    if compute_dtype is not None:
-      params, frozen = cast_floating(params, compute_dtype), cast_floating(frozen, compute_dtype)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), metric_fn(params, frozen, batch))
+  eval_step = _eval_body(metric_fn, compute_dtype)
   if mesh is None:
     return jax.jit(eval_step)
   repl = mesh_lib.replicated_sharding(mesh)
@@ -151,7 +193,19 @@ def make_eval_step(metric_fn: Callable[[Any, Any, Any], dict], *, mesh=None, com
                  out_shardings=repl)
 
 
-def evaluate(eval_step, params, frozen, batches) -> dict[str, float]:
+def make_stacked_eval_step(metric_fn: Callable[[Any, Any, Any], dict], *, frozen_axes: Any = 0,
+                           mesh=None, compute_dtype=None, data_axis: str = mesh_lib.DATA_AXIS):
+  """:func:`make_eval_step` vmapped over a leading member axis (see
+  :func:`make_stacked_train_step`); every output is ``[M]``."""
+  stacked = jax.vmap(_eval_body(metric_fn, compute_dtype), in_axes=(0, frozen_axes, 0))
+  if mesh is None:
+    return jax.jit(stacked)
+  repl = mesh_lib.replicated_sharding(mesh)
+  return jax.jit(stacked, in_shardings=(repl, repl, stacked_batch_sharding(mesh, data_axis)),
+                 out_shardings=repl)
+
+
+def evaluate(eval_step, params, frozen, batches) -> dict:
   """Sums ``eval_step`` outputs over ``batches``; adds ``accuracy = correct / count`` and
   ``loss = loss_sum / count`` when those keys exist."""
   totals = None
@@ -160,8 +214,10 @@ def evaluate(eval_step, params, frozen, batches) -> dict[str, float]:
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     raise ValueError("evaluate: no evaluation batches")
-  result = {k: float(v) for k, v in totals.items()}
-  if "count" in result and result["count"] > 0:
+  # Scalars for one run; [M] arrays for a stacked eval step (one value per member).
+  result = {k: float(v) if jnp.ndim(v) == 0 else np.asarray(v, np.float64)
+            for k, v in totals.items()}
+  if "count" in result and np.all(np.asarray(result["count"]) > 0):
     if "correct" in result:
       result["accuracy"] = result["correct"] / result["count"]
     if "loss_sum" in result:
