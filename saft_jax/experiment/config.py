@@ -64,6 +64,9 @@ class ReproduceConfig:
     pretrain_steps: offline suite: steps of the θ0 pretext pre-training.
     eval_batch_size: batch size of evaluation passes.
     async_checkpoint: write orbax checkpoints in a background thread.
+    stack_runs: fine-tuning runs (task × seed) of one method and sharpness setting trained
+      together in one compiled program (``jax.vmap``): 1 = one at a time, 0 = all of them,
+      N = groups of N. Same numbers either way, up to float rounding.
   """
   suite: str = "offline"
   tasks: Optional[tuple] = None
@@ -87,6 +90,7 @@ class ReproduceConfig:
   pretrain_steps: int = 0
   eval_batch_size: int = 256
   async_checkpoint: bool = True
+  stack_runs: int = 1
 
   def __post_init__(self):
     for name, values, known in (("finetunes", self.finetunes, FINETUNES),
@@ -95,6 +99,8 @@ class ReproduceConfig:
       bad = [v for v in values if v not in known]
       if bad or not values:
         raise ValueError(f"{name}: unknown or empty {bad or values}; known: {known}")
+    if self.stack_runs < 0:
+      raise ValueError(f"stack_runs must be >= 0 (0: all runs together), got {self.stack_runs}")
     if self.steps <= 0 or self.batch_size <= 0 or self.accum_steps <= 0:
       raise ValueError("steps, batch_size and accum_steps must be positive")
     if self.batch_size % self.accum_steps:

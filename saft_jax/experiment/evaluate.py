@@ -22,12 +22,33 @@ import numpy as np
 Batch = tuple  # (images, labels, mask): mask marks the real (non-padding) rows
 
 
-def head_logits(features: jax.Array, head: jax.Array) -> jax.Array:
-  """Logits of a frozen head on L2-normalized features (SPEC §5)."""
+PADDED_LOGIT = -1e9  # logit of a padded class: exp() underflows to exactly 0
+
+
+def head_logits(features: jax.Array, head) -> jax.Array:
+  """Logits of a frozen head on L2-normalized features (SPEC §5).
+
+  ``head`` is a ``[D, C]`` matrix, or a padded head ``{"w": [D, C_max], "valid": [C_max]}``
+  (see :func:`pad_head`) whose padded classes get the logit :data:`PADDED_LOGIT`, so the
+  softmax and argmax equal those of the unpadded head.
+  """
   features = features.astype(jnp.float32)
   features = features / jnp.maximum(
       jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+  if isinstance(head, dict):
+    logits = features @ head["w"].astype(jnp.float32)
+    return jnp.where(head["valid"], logits, PADDED_LOGIT)
   return features @ head.astype(jnp.float32)
+
+
+def pad_head(head, num_classes: int) -> dict:
+  """``[D, C]`` -> the padded head ``{"w": [D, num_classes], "valid": [num_classes]}``."""
+  head = jnp.asarray(head)
+  c = head.shape[-1]
+  if c > num_classes:
+    raise ValueError(f"head has {c} classes, more than the padded size {num_classes}")
+  return {"w": jnp.pad(head, ((0, 0), (0, num_classes - c))),
+          "valid": jnp.arange(num_classes) < c}
 
 
 def _correct(logits, labels, mask):

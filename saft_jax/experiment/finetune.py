@@ -9,12 +9,19 @@
 The sharpness setting wraps the protocol's AdamW chain: ``none``, ``sam`` or
 ``asam`` (SPEC §3 defaults). The task vector is taken from the checkpoint with
 the best validation accuracy. Runs resume from their orbax checkpoints.
+
+:func:`finetune_stacked` trains several (task, seed) runs of one method and setting
+as ONE compiled program (``jax.vmap`` over a member axis; heads padded to the largest
+class count, padded classes masked out), with the same numbers as :func:`finetune_task`
+run one at a time, up to float rounding.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import os
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +31,7 @@ from saft_jax import data as data_lib
 from saft_jax import models, optim
 from saft_jax import train as train_lib
 from saft_jax.experiment import config as config_lib
-from saft_jax.experiment.evaluate import head_logits
+from saft_jax.experiment.evaluate import head_logits, pad_head
 
 
 def make_optimizer(config, saft: str, total_steps: int):
@@ -144,3 +151,96 @@ def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, co
                          metrics_path=os.path.join(run_dir, "metrics.jsonl"),
                          ckpt_async=config.async_checkpoint)
   return to_task_vector(suite, finetune, result.best_params, frozen), result.best_metrics
+
+
+_HEAD = object()  # marks the per-member head inside the frozen tree (vmap in_axes 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _stacked_program(suite, finetune: str, saft: str, config, mesh):
+  """Compiled stacked train/eval steps of one (method, sharpness) pair."""
+  loss, trainable, make_frozen = make_loss(suite, finetune)
+  tx = make_optimizer(config, saft, config.steps)
+  frozen_axes = jax.tree.map(lambda x: 0 if x is _HEAD else None, make_frozen(_HEAD),
+                             is_leaf=lambda x: x is _HEAD)
+  step = train_lib.make_stacked_train_step(loss, tx, frozen_axes=frozen_axes, mesh=mesh,
+                                           accum_steps=config.accum_steps)
+  eval_loss = make_loss(suite, finetune, _eval_objective)[0]
+  eval_step = train_lib.make_stacked_eval_step(lambda tr, fr, b: eval_loss(tr, fr, b)[1],
+                                               frozen_axes=frozen_axes, mesh=mesh)
+  return tx, step, eval_step, trainable, make_frozen
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _stacked_eval_batches(tasks, batch_size: int):
+  """Lock-step val batches of every member; a member that ran out gets a masked batch."""
+  iters = [iter(data_lib.eval_batches(t, "val", batch_size)) for t in tasks]
+  last = [None] * len(tasks)
+  while True:
+    batches = [next(it, None) for it in iters]
+    if all(b is None for b in batches):
+      return
+    for i, b in enumerate(batches):
+      if b is not None:
+        last[i] = b
+    batches = [b if b is not None else (last[i][0], last[i][1], np.zeros_like(last[i][2]))
+               for i, b in enumerate(batches)]
+    if any(b is None for b in batches):  # a member with an empty split from the start
+      raise ValueError("a task of the stacked group has no validation examples")
+    yield _stack(batches)
+
+
+def finetune_stacked(suite, members, finetune: str, saft: str, config, group_dir: str, *,
+                     mesh=None):
+  """Fine-tunes θ0 on every ``(task, seed)`` of ``members`` in one compiled program.
+
+  Returns ``[(task_vector, best_val_metrics)]`` in the order of ``members``; each run
+  equals :func:`finetune_task` on its own (same batches, schedule and best-checkpoint
+  rule) up to float rounding. The group resumes from ``group_dir/ckpt``.
+  """
+  members = [(t, int(s)) for t, s in members]
+  if not members:
+    raise ValueError("finetune_stacked needs at least one (task, seed) member")
+  tasks = [suite.tasks[t] for t, _ in members]
+  width = max(np.shape(suite.heads[t])[-1] for t, _ in members)
+  heads = _stack([pad_head(suite.heads[t], width) for t, _ in members])
+  tx, step, eval_step, trainable, make_frozen = _stacked_program(suite, finetune, saft,
+                                                                 config, mesh)
+  frozen = make_frozen(jax.tree.map(jnp.asarray, heads))
+  state = train_lib.init_train_state(trainable, tx)
+  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(members),) + x.shape), state)
+  put = (lambda b: b) if mesh is None else (
+      lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+          train_lib.stacked_batch_sharding(mesh), np.asarray(x)), b))
+  if mesh is not None:
+    state, frozen = train_lib.replicate(state, mesh), train_lib.replicate(frozen, mesh)
+
+  def eval_fn(params, frozen):
+    return train_lib.evaluate(eval_step, params, frozen,
+                              (put(b) for b in _stacked_eval_batches(tasks, config.eval_batch_size)))
+
+  def batches_fn(start):
+    its = [data_lib.train_batches(task, config.batch_size, seed=seed, start_step=start,
+                                  augment=config.augment or None)
+           for task, (_, seed) in zip(tasks, members)]
+    return (put(_stack(bs)) for bs in zip(*its))
+
+  os.makedirs(group_dir, exist_ok=True)
+  result = train_lib.fit_stacked(step, state, frozen, batches_fn, total_steps=config.steps,
+                                 eval_fn=eval_fn, eval_every=config.eval_every,
+                                 checkpoint_dir=os.path.join(group_dir, "ckpt"),
+                                 save_every=config.checkpoint_every,
+                                 log_every=max(1, config.steps // 4),
+                                 metrics_path=os.path.join(group_dir, "metrics.jsonl"),
+                                 ckpt_async=config.async_checkpoint)
+  best = eval_fn(result.best_params, frozen)
+  out = []
+  for m in range(len(members)):
+    params_m = jax.tree.map(lambda x: x[m], result.best_params)
+    # θ0 / frozen leaves are shared by the members; only the head is stacked.
+    out.append((to_task_vector(suite, finetune, params_m, frozen),
+                {k: float(np.asarray(v)[m]) for k, v in best.items()}))
+  return out

@@ -13,9 +13,11 @@ Finished fine-tunings are reused, an interrupted one resumes from its last check
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -26,7 +28,8 @@ from saft_jax import data as data_lib
 from saft_jax import merging
 from saft_jax import train as train_lib
 from saft_jax.experiment import evaluate, report, search
-from saft_jax.experiment.finetune import finetune_task
+from saft_jax.experiment import regime as regime_lib
+from saft_jax.experiment.finetune import finetune_stacked, finetune_task
 from saft_jax.experiment.store import load_tree, save_tree
 from saft_jax.experiment.suites import build_offline_suite
 
@@ -88,24 +91,103 @@ def task_accuracy(counter, suite, direction, lams, task: str, split: str, batch_
                                 batches)
 
 
-def finetune_all(suite, config, out_dir, finetune, saft, seed, mesh):
-  """Task vectors of every task of ``suite`` (reused from ``out_dir`` when finished)."""
-  tvs = []
-  for t in suite.tasks:
-    run_dir = os.path.join(out_dir, "ft", f"{finetune}-{saft}", f"seed{seed}", t)
-    tv_path = os.path.join(run_dir, "task_vector.msgpack")
-    if os.path.exists(tv_path):
-      tvs.append(jax.tree.map(jnp.asarray, load_tree(tv_path)))
-      continue
-    t0 = time.time()
-    tv, best = finetune_task(suite, t, finetune, saft, seed, config, run_dir, mesh=mesh)
-    save_tree(tv_path, tv)
-    with open(os.path.join(run_dir, "best.json"), "w") as f:
-      json.dump({k: float(v) for k, v in best.items()}, f)
-    logger.info("fine-tuned %-8s %s-%s seed %d: val acc %.4f (%.1fs)", t, finetune, saft, seed,
-                best["accuracy"], time.time() - t0)
-    tvs.append(tv)
-  return tvs
+def _run_dir(ft_root, finetune, saft, seed, task):
+  return os.path.join(ft_root, f"{finetune}-{saft}", f"seed{seed}", task)
+
+
+def _save_run(run_dir, tv, best, history=None, member=None):
+  """Writes one finished run: its task vector, best.json and (stacked) metrics.jsonl."""
+  os.makedirs(run_dir, exist_ok=True)
+  if history is not None and jax.process_index() == 0:
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for rec in history:
+        f.write(json.dumps({k: v[member] if isinstance(v, list) else v
+                            for k, v in rec.items()}) + "\n")
+  save_tree(os.path.join(run_dir, "task_vector.msgpack"), tv)
+  with open(os.path.join(run_dir, "best.json"), "w") as f:
+    json.dump({k: float(v) for k, v in best.items()}, f)
+
+
+def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
+  """Task vectors ``{seed: [τ_t for t in suite.tasks]}`` of one method and setting.
+
+  Finished runs (``ft_root/<finetune>-<saft>/seed<k>/<task>/task_vector.msgpack``) are
+  reused; the missing ones are trained one at a time or stacked into one compiled
+  program (``config.stack_runs``), resuming from their checkpoints.
+  """
+  seeds = [int(s) for s in seeds]
+  missing = [(t, s) for s in seeds for t in suite.tasks
+             if not os.path.exists(os.path.join(_run_dir(ft_root, finetune, saft, s, t),
+                                                "task_vector.msgpack"))]
+  size = len(missing) if config.stack_runs == 0 else config.stack_runs
+  for g in range(0, len(missing), max(size, 1)):
+    group, t0 = missing[g:g + max(size, 1)], time.time()
+    if len(group) == 1 and config.stack_runs == 1:
+      (t, s), = group
+      run_dir = _run_dir(ft_root, finetune, saft, s, t)
+      tv, best = finetune_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
+      _save_run(run_dir, tv, best)
+      results, history = [(tv, best)], None
+    else:
+      name = hashlib.sha1(json.dumps(group).encode()).hexdigest()[:10]
+      group_dir = os.path.join(ft_root, f"{finetune}-{saft}", f"stacked-{name}")
+      logger.info("fine-tuning %d runs of %s-%s in one program: %s", len(group), finetune,
+                  saft, ", ".join(f"{t}/seed{s}" for t, s in group))
+      results = finetune_stacked(suite, group, finetune, saft, config, group_dir, mesh=mesh)
+      history = _read_jsonl(os.path.join(group_dir, "metrics.jsonl"))
+      for m, ((t, s), (tv, best)) in enumerate(zip(group, results)):
+        _save_run(_run_dir(ft_root, finetune, saft, s, t), tv, best, history, m)
+      if jax.process_index() == 0:  # the members hold the results; drop the group state
+        shutil.rmtree(os.path.join(group_dir, "ckpt"), ignore_errors=True)
+    for (t, s), (_, best) in zip(group, results):
+      logger.info("fine-tuned %-8s %s-%s seed %d: val acc %.4f", t, finetune, saft, s,
+                  best["accuracy"])
+    logger.info("%d run(s) took %.1fs", len(group), time.time() - t0)
+  return {s: [jax.tree.map(jnp.asarray, load_tree(os.path.join(
+      _run_dir(ft_root, finetune, saft, s, t), "task_vector.msgpack"))) for t in suite.tasks]
+          for s in seeds}
+
+
+def _read_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def merge_records(suite, config, tvs, accuracy, seed: int) -> list[dict]:
+  """Every merge of ``config.merges`` searched under every protocol, for one seed's τs."""
+  tasks = list(suite.tasks)
+  ft_val = np.array([accuracy(tv, [1.0], t, "val")[0] for tv, t in zip(tvs, tasks)])
+  ft_test = np.array([accuracy(tv, [1.0], t, "test")[0] for tv, t in zip(tvs, tasks)])
+  records = []
+  for merge in config.merges:
+    for r in search.search(merge_candidates(merge, tvs, seed), tasks, accuracy, ft_val,
+                           ft_test, config.protocols):
+      records.append(dict(r, merge=merge, seed=seed))
+  return records
+
+
+def make_accuracy(suite, config, counter, mesh):
+  """``accuracy(direction, lams, task, split)`` for :func:`saft_jax.experiment.search.search`."""
+  def accuracy(direction, lams, task, split):
+    return task_accuracy(counter, suite, direction, lams, task, split, config.eval_batch_size,
+                         mesh)
+  return accuracy
+
+
+def make_counters(suite):
+  # XLA:CPU runs a sequential map over λ faster than a vmapped chunk; accelerators prefer 8.
+  chunk = None if jax.devices()[0].platform == "cpu" else 8
+  return {"plain": evaluate.make_grid_counter(suite.features_fn(), chunk=chunk),
+          "linear": evaluate.make_linear_grid_counter(suite.features_fn())}
+
+
+def make_run_mesh(config):
+  """Batches are sharded over all devices (all processes) on the mesh's ``data`` axis.
+  ``mesh_shape`` None: all devices when there are several; 1: one device, no sharding."""
+  use_mesh = config.mesh_shape != 1 and (config.mesh_shape or jax.device_count() > 1)
+  return train_lib.make_mesh((config.mesh_shape or -1,)) if use_mesh else None
 
 
 def reproduce(config, out_dir: str) -> list[dict]:
@@ -115,38 +197,36 @@ def reproduce(config, out_dir: str) -> list[dict]:
     json.dump(dataclasses.asdict(config), f, indent=1, default=str)
   t_start = time.time()
   suite = build_suite(config, out_dir)
-  tasks = list(suite.tasks)
-  # Batches are sharded over all devices (all processes) on the mesh's `data` axis.
-  # mesh_shape None: all devices when there are several; 1: one device, no sharding.
-  use_mesh = config.mesh_shape != 1 and (config.mesh_shape or jax.device_count() > 1)
-  mesh = train_lib.make_mesh((config.mesh_shape or -1,)) if use_mesh else None
-  # XLA:CPU runs a sequential map over λ faster than a vmapped chunk; accelerators prefer 8.
-  chunk = None if jax.devices()[0].platform == "cpu" else 8
-  counters = {"plain": evaluate.make_grid_counter(suite.features_fn(), chunk=chunk),
-              "linear": evaluate.make_linear_grid_counter(suite.features_fn())}
-  records = []
-  for seed in config.seeds:
-    for finetune in config.finetunes:
-      counter = counters["linear" if finetune == "ftts" else "plain"]
-
-      def accuracy(direction, lams, task, split):
-        return task_accuracy(counter, suite, direction, lams, task, split,
-                             config.eval_batch_size, mesh)
-
-      for saft in config.safts:
-        tvs = finetune_all(suite, config, out_dir, finetune, saft, seed, mesh)
-        ft_val = np.array([accuracy(tv, [1.0], t, "val")[0] for tv, t in zip(tvs, tasks)])
-        ft_test = np.array([accuracy(tv, [1.0], t, "test")[0] for tv, t in zip(tvs, tasks)])
-        for merge in config.merges:
-          cands = merge_candidates(merge, tvs, seed)
-          for r in search.search(cands, tasks, accuracy, ft_val, ft_test, config.protocols):
-            records.append(dict(r, finetune=finetune, saft=saft, merge=merge, seed=seed))
+  mesh = make_run_mesh(config)
+  counters = make_counters(suite)
+  records, regime = [], {}
+  for finetune in config.finetunes:
+    counter = counters["linear" if finetune == "ftts" else "plain"]
+    accuracy = make_accuracy(suite, config, counter, mesh)
+    for saft in config.safts:
+      tvs = finetune_all(suite, config, os.path.join(out_dir, "ft"), finetune, saft,
+                         config.seeds, mesh)
+      for seed in config.seeds:
+        records += [dict(r, finetune=finetune, saft=saft)
+                    for r in merge_records(suite, config, tvs[seed], accuracy, seed)]
         logger.info("merged %s-%s seed %d (%.0fs elapsed)", finetune, saft, seed,
                     time.time() - t_start)
-  meta = dict(suite=config.suite, tasks=tasks, seeds=list(config.seeds),
+      regime[f"{finetune}-{saft}"] = regime_lib.task_vector_quantities(
+          suite.params0, [tv for s in config.seeds for tv in tvs[s]])
+  meta = dict(suite=config.suite, tasks=list(suite.tasks), seeds=list(config.seeds),
               finetunes=list(config.finetunes), safts=list(config.safts),
               merges=list(config.merges), protocols=list(config.protocols),
               steps=config.steps, batch_size=config.batch_size,
+              regime=dict(regime_lib.config_quantities(suite.params0, config),
+                          theta0_test_acc=_theta0_accuracy(suite, config, counters, mesh),
+                          task_vectors=regime),
               seconds=round(time.time() - t_start, 1), devices=str(jax.devices()))
   report.write_results(out_dir, records, meta)
   return records
+
+
+def _theta0_accuracy(suite, config, counters, mesh) -> dict:
+  """Test accuracy of θ0 with each task's frozen head (the fine-tuning gain's baseline)."""
+  accuracy = make_accuracy(suite, config, counters["plain"], mesh)
+  zero = jax.tree.map(jnp.zeros_like, suite.params0)
+  return {t: float(accuracy(zero, [0.0], t, "test")[0]) for t in suite.tasks}

@@ -116,7 +116,8 @@ def search(candidates: Sequence[Candidate], tasks: Sequence[str],
 
   Returns:
     One record per (protocol, task) with ``abs_acc``, ``norm_acc``, ``ft_acc``,
-    ``lam``, the candidate's hyper-parameters, and the validation accuracy.
+    ``lam``, the candidate's hyper-parameters, the validation accuracy ``val_acc`` and
+    ``norm_val_acc`` (divided by the task model's validation accuracy).
   """
   val = [np.stack([accuracy(c.direction, c.lams, t, "val") for t in tasks], axis=1)
          for c in candidates]
@@ -135,9 +136,10 @@ def search(candidates: Sequence[Candidate], tasks: Sequence[str],
     ti = list(tasks).index(ch.task)
     abs_acc = test[(ch.candidate, ch.task, ch.lam)]
     cand = candidates[ch.candidate]
+    val_acc = float(val[ch.candidate][_lam_index(cand.lams, ch.lam), ti])
     records.append(dict(
         task=ch.task, protocol=ch.protocol, lam=ch.lam, hparams=dict(cand.hparams),
         abs_acc=abs_acc, norm_acc=abs_acc / max(float(ft_test[ti]), 1e-12),
-        ft_acc=float(ft_test[ti]),
-        val_acc=float(val[ch.candidate][_lam_index(cand.lams, ch.lam), ti])))
+        ft_acc=float(ft_test[ti]), val_acc=val_acc,
+        norm_val_acc=val_acc / max(float(ft_val[ti]), 1e-12)))
   return records
