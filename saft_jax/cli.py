@@ -1,4 +1,4 @@
-"""The ``saft`` command: ``saft reproduce`` (the main job) and ``saft analyze``."""
+"""The ``saft`` command: ``reproduce`` (the main job), ``sweep``, ``analyze``, ``noise-sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -16,12 +16,10 @@ def _setup_logging(verbose: bool) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _reproduce(args) -> int:
-  from saft_jax import train
+def _base_config(args):
+  """The config of ``reproduce`` / ``sweep``: suite default or file, then the options."""
   from saft_jax.experiment import config as config_lib
-  from saft_jax.experiment import defaults, runner
-
-  train.maybe_initialize_distributed()  # multi-host runs: before any JAX computation
+  from saft_jax.experiment import defaults
 
   config = (config_lib.load_config_file(args.config) if args.config
             else defaults.default_config(args.suite))
@@ -36,17 +34,62 @@ def _reproduce(args) -> int:
     changes["merges"] = config_lib.BASIC_MERGES + config_lib.EXTRA_MERGES
   elif args.merges:
     changes["merges"] = tuple(args.merges.split(","))
-  if args.seeds:
+  if args.seeds is not None:
+    if args.seeds < 1:
+      raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     changes["seeds"] = tuple(range(args.seeds))
-  if args.steps:
+  if args.steps is not None:
     changes["steps"] = args.steps
   if args.tasks:
     changes["tasks"] = tuple(args.tasks.split(","))
-  config = config_lib.replace(config, **changes)
+  return config_lib.replace(config, **changes)
+
+
+def _reproduce(args) -> int:
+  from saft_jax import train
+  from saft_jax.experiment import config as config_lib
+  from saft_jax.experiment import runner
+
+  train.maybe_initialize_distributed()  # multi-host runs: before any JAX computation
+  config = config_lib.apply_overrides(_base_config(args), args.set or [])
   runner.reproduce(config, args.out)
   print(open(os.path.join(args.out, "results.md")).read())
   print(f"results: {os.path.join(args.out, 'results.json')}")
   return 0
+
+
+def _sweep(args) -> int:
+  from saft_jax import train
+  from saft_jax.experiment import config as config_lib
+  from saft_jax.experiment import sweep
+
+  train.maybe_initialize_distributed()
+  base = _base_config(args)
+  if not args.set:
+    raise ValueError("nothing to sweep: give at least one --set KEY=V1,V2,...")
+  axes = [config_lib.parse_sweep_values(base, a) for a in args.set]
+  if args.fixed:
+    base = config_lib.apply_overrides(base, args.fixed)
+  sweep.sweep(base, sweep.grid_settings(axes), args.out, cache_dir=args.cache)
+  print(open(os.path.join(args.out, "sweep.md")).read())
+  print(f"results: {os.path.join(args.out, 'sweep.json')}")
+  return 0
+
+
+def _add_job_options(p, default_out: str) -> None:
+  """The options ``reproduce`` and ``sweep`` share."""
+  p.add_argument("--suite", default="offline", choices=("offline", "clip"),
+                 help="built-in suite default (offline: no downloads)")
+  p.add_argument("--config", help="a Python config file defining get_config()")
+  p.add_argument("--out", default=default_out, help="output directory")
+  p.add_argument("--all-methods", action="store_true", help="add FTTS and FTLO to SGD")
+  p.add_argument("--finetunes", help="comma list out of sgd,ftts,ftlo")
+  p.add_argument("--safts", help="comma list out of none,sam,asam and the other SAM-family "
+                 "transforms (gsam, looksam, ...)")
+  p.add_argument("--merges", help="'all' or a comma list of merge methods")
+  p.add_argument("--seeds", type=int, help="number of seeds (0..N-1); mean ± std reported")
+  p.add_argument("--steps", type=int, help="fine-tuning steps per task")
+  p.add_argument("--tasks", help="comma list of task names")
 
 
 def _analyze(args) -> int:
@@ -73,20 +116,26 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="saft", description=__doc__)
   parser.add_argument("-v", "--verbose", action="store_true", help="library log lines too")
   sub = parser.add_subparsers(dest="command", required=True)
-  rep = sub.add_parser("reproduce", help="fine-tune × merge × search × report on a suite")
-  rep.add_argument("--suite", default="offline", choices=("offline", "clip"),
-                   help="built-in suite default (offline: no downloads)")
-  rep.add_argument("--config", help="a Python config file defining get_config()")
-  rep.add_argument("--out", default="runs/offline", help="run directory")
-  rep.add_argument("--all-methods", action="store_true", help="add FTTS and FTLO to SGD")
-  rep.add_argument("--finetunes", help="comma list out of sgd,ftts,ftlo")
-  rep.add_argument("--safts", help="comma list out of none,sam,asam and the other SAM-family "
-                   "transforms (gsam, looksam, ...)")
-  rep.add_argument("--merges", help="'all' or a comma list of merge methods")
-  rep.add_argument("--seeds", type=int, help="number of seeds (0..N-1); mean ± std reported")
-  rep.add_argument("--steps", type=int, help="fine-tuning steps per task")
-  rep.add_argument("--tasks", help="comma list of task names")
+  rep = sub.add_parser("reproduce", help="fine-tune × merge × search × report on a suite",
+                       description="example: saft reproduce --set optim.asam_rho=0.05 "
+                       "--out runs/rho005")
+  _add_job_options(rep, "runs/offline")
+  rep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, dotted for nested ones (optim.asam_rho=0.02, "
+                   "steps=100, tasks=digits,rot90); repeatable")
   rep.set_defaults(func=_reproduce)
+  swp = sub.add_parser("sweep", help="the main job over config values × seeds, paired with "
+                       "plain AdamW", description="example: saft sweep --set "
+                       "optim.asam_rho=0.01,0.02,0.05 --seeds 3 --out runs/rho_sweep")
+  _add_job_options(swp, "runs/sweep")
+  swp.add_argument("--set", action="append", metavar="KEY=V1,V2,...",
+                   help="a swept config field and its values (tuple fields: values separated "
+                   "by ';'); several --set make a grid")
+  swp.add_argument("--fixed", action="append", metavar="KEY=VALUE",
+                   help="a config override applied to every setting (not swept); repeatable")
+  swp.add_argument("--cache", help="directory of θ0 and fine-tunings shared between sweeps "
+                   "(default: --out)")
+  swp.set_defaults(func=_sweep)
   ana = sub.add_parser("analyze", help="disentanglement, CTL, joint loss, sharpness plots")
   ana.add_argument("run_dir", help="a run directory of `saft reproduce`")
   ana.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
