@@ -122,6 +122,16 @@ def _program(suite, finetune: str, saft: str, config, mesh):
   return tx, step, eval_step, trainable, make_frozen
 
 
+def _fit_options(config, run_dir: str) -> dict:
+  """The loop options shared by one run and a stacked group (steps, eval, checkpoints)."""
+  os.makedirs(run_dir, exist_ok=True)
+  return dict(total_steps=config.steps, eval_every=config.eval_every,
+              checkpoint_dir=os.path.join(run_dir, "ckpt"), save_every=config.checkpoint_every,
+              log_every=max(1, config.steps // 4),
+              metrics_path=os.path.join(run_dir, "metrics.jsonl"),
+              ckpt_async=config.async_checkpoint)
+
+
 def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, config,
                   run_dir: str, *, mesh=None):
   """Fine-tunes θ0 on one task; returns ``(task_vector, best_val_metrics)``."""
@@ -142,14 +152,8 @@ def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, co
     return shard(data_lib.train_batches(task, config.batch_size, seed=seed, start_step=start,
                                         augment=config.augment or None))
 
-  os.makedirs(run_dir, exist_ok=True)
-  result = train_lib.fit(step, state, frozen, batches_fn, total_steps=config.steps,
-                         eval_fn=eval_fn, eval_every=config.eval_every,
-                         checkpoint_dir=os.path.join(run_dir, "ckpt"),
-                         save_every=config.checkpoint_every,
-                         log_every=max(1, config.steps // 4),
-                         metrics_path=os.path.join(run_dir, "metrics.jsonl"),
-                         ckpt_async=config.async_checkpoint)
+  result = train_lib.fit(step, state, frozen, batches_fn, eval_fn=eval_fn,
+                         **_fit_options(config, run_dir))
   return to_task_vector(suite, finetune, result.best_params, frozen), result.best_metrics
 
 
@@ -228,14 +232,8 @@ def finetune_stacked(suite, members, finetune: str, saft: str, config, group_dir
            for task, (_, seed) in zip(tasks, members)]
     return (put(_stack(bs)) for bs in zip(*its))
 
-  os.makedirs(group_dir, exist_ok=True)
-  result = train_lib.fit_stacked(step, state, frozen, batches_fn, total_steps=config.steps,
-                                 eval_fn=eval_fn, eval_every=config.eval_every,
-                                 checkpoint_dir=os.path.join(group_dir, "ckpt"),
-                                 save_every=config.checkpoint_every,
-                                 log_every=max(1, config.steps // 4),
-                                 metrics_path=os.path.join(group_dir, "metrics.jsonl"),
-                                 ckpt_async=config.async_checkpoint)
+  result = train_lib.fit_stacked(step, state, frozen, batches_fn, eval_fn=eval_fn,
+                                 **_fit_options(config, group_dir))
   best = eval_fn(result.best_params, frozen)
   out = []
   for m in range(len(members)):

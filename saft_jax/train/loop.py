@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from saft_jax.train.checkpoint import Checkpointer
 from saft_jax.train.progress import MetricsWriter, Progress
@@ -27,6 +28,26 @@ class FitResult(NamedTuple):
   best_params: Any    # trainable params of the best validation eval (None without eval)
   best_metrics: dict | None
   history: list       # the records written to the JSONL file (this invocation only)
+
+
+def check_finite(step: int, metrics: dict, ckpt) -> None:
+  """Raises :class:`NonFiniteLossError` unless ``metrics["finite"]`` is all true (for a
+  stacked step, ``[M]`` flags: the loss reported is the first bad member's)."""
+  finite = np.asarray(metrics["finite"]).reshape(-1)
+  if not finite.all():
+    if ckpt is not None:
+      ckpt.wait()
+    bad = int(np.argmin(finite))
+    raise NonFiniteLossError(step, float(np.asarray(metrics["loss"]).reshape(-1)[bad]),
+                             ckpt.latest_step() if ckpt else None)
+
+
+def next_batch(batches, start: int, step: int, total_steps: int):
+  batch = next(batches, None)
+  if batch is None:
+    raise ValueError(f"batches_fn({start}) ran out of batches at step {step} "
+                     f"(total_steps={total_steps})")
+  return batch
 
 
 def _copy(tree):
@@ -73,18 +94,10 @@ def fit(train_step: Callable, state, frozen, batches_fn: Callable[[int], Iterabl
     batches = iter(batches_fn(start))
     pending = None  # the previous step's metrics, checked one step late (no sync stall)
 
-    def check(step, metrics):
-      if not bool(metrics["finite"]):
-        if ckpt is not None:
-          ckpt.wait()
-        raise NonFiniteLossError(step, float(metrics["loss"]),
-                                 ckpt.latest_step() if ckpt else None)
+    check = lambda step, metrics: check_finite(step, metrics, ckpt)
 
     for step in range(start, stop):
-      batch = next(batches, None)
-      if batch is None:
-        raise ValueError(f"batches_fn({start}) ran out of batches at step {step} "
-                         f"(total_steps={total_steps})")
+      batch = next_batch(batches, start, step, total_steps)
       state, metrics = train_step(state, frozen, batch)
       if pending is not None:
         check(*pending)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saft_jax.train.checkpoint import Checkpointer
-from saft_jax.train.loop import NonFiniteLossError
+from saft_jax.train.loop import check_finite, next_batch
 from saft_jax.train.progress import MetricsWriter, Progress
 
 logger = logging.getLogger("saft_jax.train")
@@ -55,8 +55,8 @@ def fit_stacked(train_step: Callable, state, frozen, batches_fn: Callable[[int],
     max_steps: stop after this many steps in this call (the run can be resumed).
 
   Raises:
-    NonFiniteLossError: a member's loss/gradient/params became non-finite (the message
-      names the member); the bad state is never saved.
+    saft_jax.train.NonFiniteLossError: a member's loss/gradient/params became
+      non-finite (the loss reported is that member's); the bad state is never saved.
   """
   members = jax.tree.leaves(state.params)[0].shape[0]
   carry = {"state": state, "best_params": jax.tree.map(jnp.copy, state.params),
@@ -75,20 +75,10 @@ def fit_stacked(train_step: Callable, state, frozen, batches_fn: Callable[[int],
     progress = Progress(total_steps, start, log_every, writer)
     batches = iter(batches_fn(start))
 
-    def check(step, metrics):
-      finite = np.asarray(metrics["finite"])
-      if not finite.all():
-        if ckpt is not None:
-          ckpt.wait()
-        bad = int(np.argmin(finite))
-        raise NonFiniteLossError(step, float(np.asarray(metrics["loss"])[bad]),
-                                 ckpt.latest_step() if ckpt else None)
+    check = lambda step, metrics: check_finite(step, metrics, ckpt)
 
     for step in range(start, stop):
-      batch = next(batches, None)
-      if batch is None:
-        raise ValueError(f"batches_fn({start}) ran out of batches at step {step} "
-                         f"(total_steps={total_steps})")
+      batch = next_batch(batches, start, step, total_steps)
       state, metrics = train_step(state, frozen, batch)
       progress.record({k: jnp.mean(v) for k, v in metrics.items()},
                       members * jax.tree.leaves(batch)[0].shape[1])
