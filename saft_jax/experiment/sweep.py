@@ -141,7 +141,7 @@ def sweep(base_config, settings: list[dict], out_dir: str, *, measures=(),
   base_keys = baseline_keys(base_config, settings, keys)
   os.makedirs(out_dir, exist_ok=True)
   cache_dir = cache_dir or out_dir
-  t_start, done_runs = time.time(), {}
+  t_start, done_runs = time.time(), set()
   suites, records = {}, []
   mesh = runner.make_run_mesh(base_config)
   for i, (setting, config) in enumerate(zip(settings, configs)):
@@ -169,7 +169,7 @@ def sweep(base_config, settings: list[dict], out_dir: str, *, measures=(),
           for r in runner.merge_records(suite, config, tvs[seed], accuracy, seed):
             records.append(dict(r, finetune=finetune, saft=saft, setting=shown,
                                 **(extra if r["merge"] == "weight_average" else {})))
-        done_runs[run_key] = True
+        done_runs.add(run_key)
     elapsed = time.time() - t_start
     eta = elapsed / (i + 1) * (len(settings) - i - 1)
     logger.info("sweep setting %d/%d done (%s) | %.0fs elapsed | ETA %.0fs", i + 1,
