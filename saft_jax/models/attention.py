@@ -66,19 +66,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
   batch, length, _, head_dim = q.shape
   scale = head_dim ** -0.5
   if impl == "xla":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
-    mask = None
-    if causal:
-      mask = jnp.tril(jnp.ones((length, length), dtype=bool))
-    if valid_length is not None and valid_length < length:
-      key_ok = jnp.arange(length) < valid_length
-      mask = key_ok[None, :] if mask is None else mask & key_ok[None, :]
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v,
-                      preferred_element_type=jnp.float32).astype(q.dtype)
+    heads_first = lambda a: a.transpose(0, 2, 1, 3)
+    out = attention_heads_first(heads_first(q), heads_first(k), heads_first(v),
+                                causal=causal, valid_length=valid_length)
+    return heads_first(out)
   implementation = "cudnn" if impl == "cudnn" else "xla"
   kv_lengths = None
   if valid_length is not None and valid_length < length:
@@ -86,3 +77,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                       key_value_seq_lengths=kv_lengths,
                                       implementation=implementation)
+
+
+def attention_heads_first(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                          valid_length: Optional[int] = None) -> jax.Array:
+  """The "xla" attention on `[B, H, T, Dh]` arrays (heads before tokens).
+
+  The layout of XLA's batched matmuls: the towers produce q, k, v in it directly, so
+  neither matmul nor its gradient needs a transpose (about 2× faster on XLA:CPU than
+  `[B, T, H, Dh]` einsums). Logits and softmax in float32; same arguments as `attention`.
+
+  Returns:
+    `[B, H, T, Dh]` in the dtype of `q`.
+  """
+  length, head_dim = q.shape[2], q.shape[3]
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(head_dim ** -0.5)
+  mask = None
+  if causal:
+    mask = jnp.tril(jnp.ones((length, length), dtype=bool))
+  if valid_length is not None and valid_length < length:
+    key_ok = jnp.arange(length) < valid_length
+    mask = key_ok[None, :] if mask is None else mask & key_ok[None, :]
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", weights, v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
