@@ -18,7 +18,8 @@ FINETUNES = ("sgd", "ftts", "ftlo")
 SAFTS = ("none", "sam", "asam", "friendly_sam", "gsam", "sagm", "pgn", "ssam_f", "ssam_d",
          "rwp", "looksam", "sam_every_k")
 BASIC_MERGES = ("weight_average", "task_arithmetic", "ties")
-EXTRA_MERGES = ("dare_ties", "breadcrumbs", "magmax", "consensus", "tsv_m", "iso_c")
+EXTRA_MERGES = ("dare_ties", "breadcrumbs", "magmax", "consensus", "consensus_ties", "tsv_m",
+                "iso_c")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,14 @@ class ReproduceConfig:
     optim: optimizer settings.
     augment: data augmentation during fine-tuning (offline suite: 1-pixel shifts).
     clip_checkpoint: CLIP suite: path of the open_clip / Hugging Face checkpoint.
-    tokenizer_dir: CLIP suite: local directory with the CLIP tokenizer files.
+    clip_act: CLIP suite: the checkpoint's activation, "gelu" (open_clip-trained weights
+      such as laion2b) or "quick_gelu" (OpenAI weights); ``None`` reads it from the
+      checkpoint, which a bare open_clip state dict cannot tell (then it is required).
+      Overrides what the checkpoint records.
+    tokenizer_dir: CLIP suite: the tokenizer source: a directory with Hugging Face CLIP
+      tokenizer files (vocab.json + merges.txt), or open_clip's BPE vocabulary
+      ``bpe_simple_vocab_16e6.txt.gz`` (the file, or a directory holding it); ``None``: the
+      checkpoint directory.
     data_dir: CLIP suite: tensorflow-datasets data directory.
     pretrain_steps: offline suite: steps of the θ0 pretext pre-training.
     eval_batch_size: batch size of evaluation passes.
@@ -85,6 +93,7 @@ class ReproduceConfig:
   optim: OptimConfig = OptimConfig()
   augment: bool = False
   clip_checkpoint: Optional[str] = None
+  clip_act: Optional[str] = None
   tokenizer_dir: Optional[str] = None
   data_dir: Optional[str] = None
   pretrain_steps: int = 0
@@ -106,6 +115,9 @@ class ReproduceConfig:
     if self.batch_size % self.accum_steps:
       raise ValueError(f"batch_size {self.batch_size} is not divisible by "
                        f"accum_steps {self.accum_steps}")
+    if self.clip_act not in (None, "gelu", "quick_gelu"):
+      raise ValueError(f"clip_act must be none, gelu (open_clip-trained weights such as laion2b) "
+                       f"or quick_gelu (OpenAI weights), got {self.clip_act!r}")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
     if (not isinstance(self.seeds, tuple) or not self.seeds

@@ -57,8 +57,10 @@ def _extra_direction(merge: str, tvs: list, seed: int):
                                      for m, t in zip(masks, tvs)])
   if merge == "magmax":
     return merging.magmax_merged_vector(tvs)
-  if merge == "consensus":
+  if merge == "consensus":    # TALL-mask consensus on task arithmetic (reference use_ties=false)
     return merging.consensus_merged_vector(tvs)
+  if merge == "consensus_ties":  # on TIES with the disjoint sum, as the reference builds it
+    return merging.consensus_ties_merged_vector(tvs)
   if merge == "tsv_m":
     return merging.tsv_merged_vector(tvs)
   if merge == "iso_c":

@@ -12,7 +12,9 @@ written: two streaming passes build exact histograms of the float32 bit patterns
 then 16 low bits; :func:`._topk.kth_largest_bits_histogram`), which give the same exact
 ``n_keep``-th largest magnitude as the in-memory bisection. A third pass sums the elected
 signs (for TIES's majority-sign fallback), a fourth writes. Per-leaf TIES skips the
-histogram passes (the in-memory bisection runs on each leaf).
+histogram passes (the in-memory bisection runs on each leaf). The TIES options ``keep``
+(``"exact"``/``"reference"`` keep count) and ``disjoint`` (``"mean"``/``"sum"``) are those of
+:func:`~saft_jax.merging.ties_merged_vector`, with the same results.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def _chunks(pre, chunk_bytes: int) -> List[List[str]]:
 
 def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path: str,
                  method: str = "task_arithmetic", *, lam=1.0, k: float = 0.2,
-                 trim: str = "global", exclude: ExcludeFn = None,
+                 trim: str = "global", keep: str = "exact", disjoint: str = "mean",
+                 exclude: ExcludeFn = None,
                  chunk_bytes: Optional[int] = None, overwrite: bool = False) -> Dict:
   """Merge checkpoints on disk into ``out_path`` (same format as the inputs).
 
@@ -79,7 +82,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
     out_path: where to write the merged checkpoint.
     method: ``"weight_average"`` (of the fine-tuned models; ``lam`` unused),
       ``"task_arithmetic"`` (``lam`` scalar or one per task) or ``"ties"`` (``lam``, ``k``,
-      ``trim``).
+      ``trim``, ``keep``, ``disjoint``: as :func:`~saft_jax.merging.ties`).
     exclude: predicate on leaf paths never merged (the output keeps ``θ0``'s leaf; for
       weight averaging, the first fine-tuned model's leaf, as :func:`weight_average`).
     chunk_bytes: per-model bytes read at once (default: the largest leaf).
@@ -94,7 +97,8 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
     raise ValueError("finetuned_paths must be a non-empty list of checkpoint paths")
   if method == "ties":
     _ties.check_trim(trim)
-    _topk.keep_count(k, 1)
+    _ties.check_disjoint(disjoint)
+    _topk.keep_count(k, 1, keep)
   t0 = time.time()
   fmt = _io.checkpoint_format(pretrained_path)
   for p in finetuned_paths:
@@ -131,13 +135,13 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
     tcount = len(fts)
     if trim == "global":
       n = sum(int(np.prod(pre.shapes[p], dtype=np.int64)) for p in pre.paths if mergeable[p])
-      n_keep = _topk.keep_count(k, max(n, 1))
+      n_keep = _topk.keep_count(k, max(n, 1), keep)
       # One pair of histogram passes gives every task's threshold.
       thr = _multi_task_histogram(each_chunk, read_tvs, mergeable, tcount, n_keep)
     total = 0
     for chunk in each_chunk():
       _, tvs = read_tvs(chunk)
-      trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim)
+      trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim, keep)
       del tvs
       for p in chunk:
         if mergeable[p] and nbytes[p]:
@@ -158,7 +162,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
         del theta0, tvs
       else:
         theta0, tvs = read_tvs(chunk)
-        trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim)
+        trimmed = _trim_chunk(tvs, chunk, mergeable, thr, k, trim, keep)
         del tvs
         merged = {}
         for p in chunk:
@@ -166,7 +170,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
           if mergeable[p] and nbytes[p]:
             col = [t[p] for t in trimmed]
             sign = _ties.sum_sign_leaf(col)
-            merged[p] = _ties.disjoint_mean_leaf(col, sign, majority).astype(x0.dtype)
+            merged[p] = _ties.disjoint_leaf(col, sign, majority, disjoint).astype(x0.dtype)
           else:
             merged[p] = jnp.zeros_like(x0)
         out = apply_task_vector(theta0, merged, lam, exclude=exclude)
@@ -182,7 +186,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
   return stats
 
 
-def _trim_chunk(tvs, chunk, mergeable, thr, k, trim):
+def _trim_chunk(tvs, chunk, mergeable, thr, k, trim, keep="exact"):
   """Trimmed task vectors of one chunk (global thresholds given, per-leaf computed)."""
   out = [dict(tv) for tv in tvs]
   leaves = [p for p in chunk if mergeable[p] and tvs[0][p].size]
@@ -194,7 +198,7 @@ def _trim_chunk(tvs, chunk, mergeable, thr, k, trim):
         out[i][p] = _ties.trim_leaf(tv[p], thr[i])
     return out
   groups = [[tv[p]] for p in leaves for tv in tvs]
-  n_keeps = [_topk.keep_count(k, tvs[0][p].size) for p in leaves for _ in tvs]
+  n_keeps = [_topk.keep_count(k, tvs[0][p].size, keep) for p in leaves for _ in tvs]
   bits = _topk.kth_largest_bits_groups(groups, n_keeps).reshape(len(leaves), len(tvs))
   for m, p in enumerate(leaves):
     for i, tv in enumerate(tvs):

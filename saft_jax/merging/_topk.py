@@ -8,8 +8,10 @@ passes are element-wise compare + reduce, which XLA fuses; nothing is sorted or 
 
 Contract (shared by every caller, in-memory and streaming):
 
-- ``n_keep = int(k * n)`` (Python float product truncated, as the TIES reference code), at
-  least 1, where ``n`` is the number of entries considered.
+- ``n_keep = int(k * n)`` (Python float product truncated), at least 1, where ``n`` is the
+  number of entries considered (``keep="exact"``, the default). ``keep="reference"`` gives
+  the count of the TIES reference code instead: its ``kthvalue(n - int(n·k))`` with ``>=``
+  keeps the ``int(k·n) + 1`` largest (all ``n`` when ``k = 1``).
 - The threshold ``t`` is the exact ``n_keep``-th largest ``|x|`` (in float32; bf16/f16 are
   converted exactly). The kept set is ``|x| >= t``: entries tied with the threshold are all
   kept, so more than ``n_keep`` entries may survive when values repeat at the threshold.
@@ -31,11 +33,27 @@ _INF_BITS = 0x7F800000
 _N_STEPS = 31  # ceil(log2(_INF_BITS + 2))
 
 
-def keep_count(k: float, n: int) -> int:
-  """``max(1, int(k * n))``; validates ``0 < k <= 1``."""
+KEEP_MODES = ("exact", "reference")
+
+
+def check_keep(keep: str) -> None:
+  if keep not in KEEP_MODES:
+    raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+
+
+def keep_count(k: float, n: int, keep: str = "exact") -> int:
+  """Number of entries kept of ``n``; validates ``0 < k <= 1``.
+
+  ``keep="exact"``: ``max(1, int(k * n))``. ``keep="reference"``: ``min(int(k * n) + 1, n)``
+  (at least 1), the count of the TIES reference's ``kthvalue(n - int(n * k))`` threshold.
+  """
+  check_keep(keep)
   if not isinstance(k, (int, float, np.floating)) or not 0.0 < float(k) <= 1.0:
     raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
-  return max(1, int(float(k) * n))
+  m = int(float(k) * n)
+  if keep == "reference":
+    return max(1, min(m + 1, n))
+  return max(1, m)
 
 
 def abs_bits(x: jax.Array) -> jax.Array:
@@ -99,6 +117,30 @@ def _kth_bits_jit(groups, n_keeps):
 def kth_largest_bits(arrays: Sequence[jax.Array], n_keep) -> jax.Array:
   """Bit pattern (int32 scalar) of the exact ``n_keep``-th largest ``|x|`` over all arrays."""
   return kth_largest_bits_groups([arrays], [n_keep])[0]
+
+
+@jax.jit
+def kth_largest_bits_rows(x: jax.Array, n_keep) -> jax.Array:
+  """Per row of ``x.reshape(-1, x.shape[-1])``, the bit pattern of the exact ``n_keep``-th
+  largest ``|x|`` (``1 <= n_keep <= x.shape[-1]``, the same rank for every row).
+
+  Returns int32 of shape ``(rows,)``: one bisection of 31 fused counting passes over all rows
+  at once (no sort), the same contract as :func:`kth_largest_bits_groups`.
+  """
+  bits = abs_bits(x).reshape(-1, x.shape[-1])
+  n = jnp.asarray(n_keep, jnp.int32)
+  rows = bits.shape[0]
+
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits >= mid[:, None], axis=1, dtype=jnp.int32) >= n
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, _N_STEPS, body,
+                            (jnp.zeros((rows,), jnp.int32),
+                             jnp.full((rows,), _INF_BITS + 1, jnp.int32)))
+  return lo
 
 
 def bits_to_float(bits) -> jax.Array:

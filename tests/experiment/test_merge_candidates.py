@@ -45,6 +45,13 @@ def test_directions_match_the_library_merges():
   np.testing.assert_array_equal(np.asarray(mm.direction["ln"]["bias"]),
                                 stack[np.argmax(np.abs(stack), 0), np.arange(4)])
   assert mm.lams == search.SINGLE_LAMBDAS
+  (ct,) = runner.merge_candidates("consensus_ties", tvs)
+  ref = merging.consensus_ties_merged_vector(tvs)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ct.direction)):
+    np.testing.assert_array_equal(a, b)
+  (cta,) = runner.merge_candidates("consensus", tvs)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ct.direction),
+                                                       jax.tree.leaves(cta.direction)))
 
 
 @pytest.mark.parametrize("saft", config_lib.SAFTS)

@@ -20,7 +20,10 @@ T = 3
 EXCL = lambda p: p.startswith("head")
 CASES = [("weight_average", {}), ("task_arithmetic", {"lam": [0.3, 0.5, 0.7]}),
          ("ties", {"lam": 0.8, "k": 0.3, "trim": "global"}),
-         ("ties", {"lam": 0.8, "k": 0.3, "trim": "per_leaf"})]
+         ("ties", {"lam": 0.8, "k": 0.3, "trim": "per_leaf"}),
+         ("ties", {"lam": 0.8, "k": 0.3, "trim": "global", "keep": "reference",
+                   "disjoint": "sum"}),
+         ("ties", {"lam": 0.8, "k": 0.3, "trim": "per_leaf", "keep": "reference"})]
 
 
 def _model(rng, base=None):
@@ -84,7 +87,7 @@ def test_streaming_equals_in_memory(checkpoints, fmt):
   thetas = [_load(fmt, p) for p in ft_ps]
   tvs = [m.task_vector(theta0, t, exclude=EXCL) for t in thetas]
   for method, kw in CASES:
-    out_p = str(d / f"out_{fmt}_{method}_{kw.get('trim')}") + (
+    out_p = str(d / f"out_{fmt}_{method}_{kw.get('trim')}_{kw.get('keep')}") + (
         ".safetensors" if fmt == "safetensors" else "")
     stats = m.stream_merge(pre_p, ft_ps, out_p, method, exclude=EXCL, chunk_bytes=100, **kw)
     assert stats["chunks"] > 3
@@ -93,7 +96,9 @@ def test_streaming_equals_in_memory(checkpoints, fmt):
     elif method == "task_arithmetic":
       ref = m.task_arithmetic(theta0, tvs, jnp.asarray(kw["lam"]), exclude=EXCL)
     else:
-      ref = m.ties(theta0, tvs, kw["lam"], k=kw["k"], trim=kw["trim"], exclude=EXCL)
+      ref = m.ties(theta0, tvs, kw["lam"], k=kw["k"], trim=kw["trim"],
+                   keep=kw.get("keep", "exact"), disjoint=kw.get("disjoint", "mean"),
+                   exclude=EXCL)
     got = _read_st(out_p) if fmt == "safetensors" else _flat(
         ocp.StandardCheckpointer().restore(out_p))
     ref = _flat(ref)
