@@ -48,9 +48,13 @@ def make_optimizer(config, saft: str, total_steps: int):
     return optim.asam(base, rho=o.asam_rho, eta=o.asam_eta)
   if saft in config_lib.SAFTS:  # the other SAM-family transforms, with their defaults
     factory = optim.TRANSFORMS[saft]
-    if "key" in inspect.signature(factory).parameters:
-      return factory(base, key=jax.random.key(0))
-    return factory(base)
+    params = inspect.signature(factory).parameters
+    kwargs = {}
+    if "key" in params:
+      kwargs["key"] = jax.random.key(0)
+    if "total_steps" in params:  # e.g. SSAM-D's cosine-decayed drop rate, as its reference
+      kwargs["total_steps"] = total_steps
+    return factory(base, **kwargs)
   raise ValueError(f"unknown sharpness setting {saft!r}; known: {config_lib.SAFTS}")
 
 

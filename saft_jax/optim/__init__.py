@@ -19,7 +19,8 @@ shard (m-sharpness), gradients averaged afterwards.
 """
 from saft_jax.optim._averaging import (AveragingState, averaged_params, swa,
                                        unperturbed_params, wa_sam, weight_averaging)
-from saft_jax.optim._base import default_weight_predicate, masked_grad_fn
+from saft_jax.optim._base import (default_weight_predicate, masked_grad_fn,
+                                  reference_weight_predicate)
 from saft_jax.optim._cheap import (EveryKState, LookSAMState, MSAMState, looksam, msam,
                                    sam_every_k)
 from saft_jax.optim._core import SharpnessState
@@ -50,6 +51,7 @@ __all__ = [
     "msam",
     "per_shard_update",
     "pgn",
+    "reference_weight_predicate",
     "rwp",
     "sagm",
     "sam",

@@ -164,13 +164,23 @@ def leaf_name(path: KeyPath) -> str:
   return str(k)
 
 
+def _path_names(path: KeyPath) -> list[str]:
+  return [leaf_name((k,)) for k in path]
+
+
 def default_weight_predicate(path: KeyPath, leaf: Any = None) -> bool:
   """Default ASAM leaf selection: True unless the last path key contains 'bias'.
 
-  Selects dense/conv kernels, embeddings and LayerNorm scales (weight-like
-  leaves, ``T = |θ| + η``); biases get ``T = 1``. Matches the ASAM reference
-  code's ``'weight' in name`` rule transposed to Flax names
-  (``kernel``/``embedding``/``scale`` vs ``bias``).
+  Every leaf but biases gets ``T = |θ| + η``: dense/conv kernels, LayerNorm
+  scales, and also embedding tables, CLIP's ``class_embedding`` /
+  ``positional_embedding`` and its output projection ``proj/kernel``. This is
+  SPEC §3's rule ("weight" leaves are kernels, embeddings and LayerNorm
+  scales). It is *not* the ASAM reference code's rule (``'weight' in name``
+  on PyTorch parameter names, ``SamsungLabs/ASAM`` ``asam.py``), which leaves
+  parameters registered without a ``.weight`` suffix — CLIP's
+  ``class_embedding``, ``positional_embedding``, ``visual.proj``,
+  ``text_projection`` — at ``T = 1``; use ``reference_weight_predicate`` (or
+  ``asam(..., weight_predicate="reference")``) for that rule.
 
   Args:
     path: a ``jax.tree_util`` key path.
@@ -178,6 +188,45 @@ def default_weight_predicate(path: KeyPath, leaf: Any = None) -> bool:
   """
   del leaf
   return "bias" not in leaf_name(path).lower()
+
+
+# Flax leaf names whose PyTorch counterpart is a module's ``.weight``:
+# Linear/Conv kernels, LayerNorm/BatchNorm scales, nn.Embed tables.
+_TORCH_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def reference_weight_predicate(path: KeyPath, leaf: Any = None) -> bool:
+  """The ASAM reference's ``'weight' in name`` rule, on PyTorch-equivalent names.
+
+  ``SamsungLabs/ASAM`` (``asam.py``) scales a parameter iff its PyTorch name
+  contains ``weight``. A Flax leaf is given the name its PyTorch counterpart
+  has in open_clip's CLIP (the layout of ``saft_jax.models``):
+
+  * ``kernel`` / ``scale`` / ``embedding`` leaves are modules' ``.weight``
+    (Linear, Conv, LayerNorm, Embedding) -> True; except a ``proj/kernel``
+    not inside an MLP (``mlp/proj`` is ``c_proj.weight``): that is CLIP's raw
+    projection parameter (``visual.proj``, ``text_projection``) -> False;
+  * ``token_embedding`` is ``token_embedding.weight`` (nn.Embedding) -> True;
+  * any other leaf (biases, ``class_embedding``, ``positional_embedding``,
+    ``logit_scale``) -> True only if some key of its path contains
+    ``weight`` (so trees that keep PyTorch names work unchanged).
+
+  Args:
+    path: a ``jax.tree_util`` key path.
+    leaf: the leaf (unused).
+  """
+  del leaf
+  names = _path_names(path)
+  if not names:
+    return False
+  last = names[-1]
+  if last in _TORCH_WEIGHT_LEAVES:
+    raw_proj = (last == "kernel" and len(names) >= 2 and names[-2] == "proj"
+                and (len(names) < 3 or names[-3] != "mlp"))
+    return not raw_proj
+  if last == "token_embedding":
+    return True
+  return any("weight" in n.lower() for n in names)
 
 
 def resolve_mask(mask: Any, params: Any, who: str) -> Any:

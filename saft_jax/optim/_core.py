@@ -65,6 +65,7 @@ def sharpness_transform(
     mask: Any = None,
     axis_name: str | None = None,
     check_params: Callable[[Any], None] | None = None,
+    perturb_args: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transform from a perturbation rule (see the module docstring).
 
@@ -82,6 +83,10 @@ def sharpness_transform(
       grads and grad_fn are shard-local (one ε per shard, m-sharpness) and the
       driving gradient is ``pmean``-ed over the axis before the base optimizer.
     check_params: optional validation of params (trace time).
+    perturb_args: names of extra ``update`` keyword arguments that belong to
+      ``perturb`` (e.g. SSAM-F's ``per_example_grad_fn``): they are passed to
+      ``perturb`` as keywords (None when absent) and not forwarded to the
+      base optimizer.
   """
   _base.check_base_optimizer(base_optimizer, who)
   base = optax.with_extra_args_support(base_optimizer)
@@ -100,7 +105,8 @@ def sharpness_transform(
       check_params(params)
     flags = _base.resolve_mask(mask, params, who)
     g = _base.masked_zero(updates, flags)
-    eps, pstate, aux = perturb(g, params, state.perturb_state, state.count)
+    own = {k: extra_args.pop(k, None) for k in perturb_args}
+    eps, pstate, aux = perturb(g, params, state.perturb_state, state.count, **own)
     eps = _base.masked_zero(eps, flags)
     g_adv = _base.call_grad_fn(grad_fn, _base.add_perturbation(params, eps), who,
                                 axis_name)

@@ -69,7 +69,7 @@ def asam(
     rho: float = 0.5,
     eta: float = 0.01,
     *,
-    weight_predicate: Callable[[tuple, Any], bool] | None = None,
+    weight_predicate: Callable[[tuple, Any], bool] | str | None = None,
     variant: str = "spec",
     eps: float = _base.DEFAULT_EPS,
     mask: Any = None,
@@ -78,14 +78,30 @@ def asam(
   """Adaptive SAM (ASAM), the perturbation SAFT uses.
 
   ``ε = ρ T² g / (‖T g‖₂ + eps)`` with one global norm and ``T = |θ| + η`` on
-  weight-like leaves (kernels, embeddings, LayerNorm scales) and ``T = 1`` on
-  the others (biases). ``weight_predicate(path, leaf) -> bool`` chooses the
-  weight-like leaves; the default is ``default_weight_predicate`` (the last
-  key of the leaf path does not contain "bias").
+  weight-like leaves and ``T = 1`` on the others. Follows the ASAM reference
+  code (``SamsungLabs/ASAM``, ``asam.py``, ``ASAM.ascent_step``): the same
+  ``T`` on the gradient inside the norm and ``T²`` on the perturbation.
 
-  ``variant="released"`` reproduces the released SAFT PyTorch code (its
-  "adaptive" mode, from the ``davda54/sam`` package): ``η = 0`` and every leaf,
-  biases included, is scaled, i.e. ``ε = ρ θ² g / (‖θ g‖ + eps)``; ``eta`` and
+  Weight-like leaves (``weight_predicate``):
+
+  * default, ``default_weight_predicate``: every leaf whose last key does not
+    contain "bias" — kernels, LayerNorm scales, and also embeddings
+    (``class_embedding``, ``positional_embedding``, token tables) and CLIP's
+    output projection ``proj/kernel`` (SPEC §3's rule);
+  * ``"reference"`` (``reference_weight_predicate``): the reference's
+    ``'weight' in name`` on the PyTorch names of open_clip's CLIP, which leaves
+    ``class_embedding``, ``positional_embedding`` and the output projections
+    at ``T = 1``;
+  * any callable ``(key_path, leaf) -> bool``.
+
+  Other differences from the reference: the norm guard is ``eps = 1e-12``
+  (reference ``1e-16``); defaults ``ρ = 0.5``, ``η = 0.01`` are the
+  reference class defaults (its CIFAR example script passes ``eta=0.0``).
+
+  ``variant="released"`` reproduces the released SAFT PyTorch code
+  (``BAIKLAB/SAFT-Merge``, ``linearized_saft/src/sam.py``, ``adaptive=True``,
+  the ``davda54/sam`` formulation): ``η = 0`` and every leaf, biases included, is
+  scaled, i.e. ``ε = ρ θ² g / (‖θ g‖ + eps)``; ``eta`` and
   ``weight_predicate`` are then ignored. Use it only to reproduce released
   numbers; SPEC §3 follows the ASAM paper (``variant="spec"``).
 
@@ -93,7 +109,8 @@ def asam(
     base_optimizer: any optax transformation; receives ``grad_fn(θ + ε)``.
     rho: radius in the ``T⁻¹``-scaled norm, > 0 (paper default 0.5).
     eta: additive ``η`` of ``T`` on weight leaves, >= 0 (default 0.01).
-    weight_predicate: ``(key_path, leaf) -> bool``; must select >= 1 leaf.
+    weight_predicate: None (default rule), ``"reference"``, or
+      ``(key_path, leaf) -> bool``; must select >= 1 leaf.
     variant: ``"spec"`` (default) or ``"released"``.
     eps: guard of the norm (zero gradient gives ``ε = 0``).
     mask: optional bool pytree / callable; only True leaves are perturbed.
@@ -101,14 +118,22 @@ def asam(
 
   References:
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
-    Learning of Deep Neural Networks, ICML 2021. https://arxiv.org/abs/2102.11600
+    Learning of Deep Neural Networks, ICML 2021. https://arxiv.org/abs/2102.11600 ;
+    code: github.com/SamsungLabs/ASAM, ``asam.py``.
   """
   _base.check_choice("asam variant", variant, ("spec", "released"))
   _base.check_positive("asam: rho", rho)
   _base.check_positive("asam: eta", eta, allow_zero=True)
   _base.check_positive("asam: eps", eps)
-  if weight_predicate is not None and not callable(weight_predicate):
-    raise TypeError("asam: weight_predicate must be callable (path, leaf) -> bool.")
+  if isinstance(weight_predicate, str):
+    if weight_predicate != "reference":
+      raise TypeError(
+          f"asam: weight_predicate must be callable (path, leaf) -> bool or the "
+          f"string 'reference', got {weight_predicate!r}.")
+    weight_predicate = _base.reference_weight_predicate
+  elif weight_predicate is not None and not callable(weight_predicate):
+    raise TypeError("asam: weight_predicate must be callable (path, leaf) -> bool "
+                    "or the string 'reference'.")
   if variant == "released":
     eta = 0.0
     pred = lambda path, leaf: True  # noqa: E731

@@ -133,15 +133,28 @@ def sagm(
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-aware gradient matching (SAGM).
 
-  Minimizes ``L(θ) + L_p(θ)`` and the gap between them with the update
-  gradient ``(∇L(θ) + ∇L(θ + ρ g/‖g‖ − α g)) / 2`` (paper Eq. 11; the factor
-  1/2 follows the reference code's ``0.5·old_g + 0.5·g_p``). The reference
-  code writes the perturbation scale as ``ρ/(‖g‖ − α)``; we follow the
-  paper's ``ρ/‖g‖ − α``.
+  Minimizes ``L(θ) + L_p(θ)`` and the gap between them. With ``g = ∇L(θ)``
+  the perturbation is ``ε = (ρ/(‖g‖ + eps) − α) g`` and the driving gradient
+  ``(g + ∇L(θ + ε)) / 2`` (paper Eq. 11). This is exactly the reference
+  code: ``perturb_weights`` uses ``scale = rho / (grad_norm + perturb_eps) −
+  alpha`` and ``e_w = p.grad * scale`` (``perturb_eps = 1e-12``, our default
+  ``eps``), and ``gradient_decompose`` turns the perturbed gradient into
+  ``0.5·old_g + 0.5·g_p``.
+
+  Not reproduced from the reference: its ``adaptive=True`` mode
+  (``ε *= θ²``; off in its DomainBed setup) and its ρ scheduler (constant
+  0.05 in that setup; schedule ``rho`` with ``optax.inject_hyperparams``).
+  Defaults ``rho = 0.05``, ``alpha = 0.001`` are the reference's.
+
+  Args:
+    base_optimizer: optax transformation fed with the driving gradient.
+    rho: radius, > 0. alpha: coefficient of the ``−α g`` descent term, >= 0.
+    eps, mask, axis_name: as in ``sam``.
 
   References:
     Wang et al., Sharpness-Aware Gradient Matching for Domain Generalization,
-    CVPR 2023. https://arxiv.org/abs/2303.10353
+    CVPR 2023. https://arxiv.org/abs/2303.10353 ; code:
+    github.com/Wang-pengfei/SAGM, ``domainbed/sagm/sagm.py``.
   """
   _base.check_positive("sagm: rho", rho)
   _base.check_positive("sagm: eps", eps)
@@ -161,11 +174,15 @@ def sagm(
                              combine=combine, mask=mask, axis_name=axis_name)
 
 
+PGN_CLEAN = ("raw", "normalized")
+
+
 def pgn(
     base_optimizer: optax.GradientTransformation,
     rho: float = 0.05,
     alpha: float = 0.8,
     *,
+    clean_gradient: str = "raw",
     eps: float = _base.DEFAULT_EPS,
     mask: Any = None,
     axis_name: str | None = None,
@@ -174,23 +191,57 @@ def pgn(
 
   The penalty's gradient is approximated by a finite difference along
   ``g/‖g‖`` with step ``ρ`` (= ``r`` in the paper), giving the driving gradient
-  ``(1 − α) ∇L(θ) + α ∇L(θ + ρ g/‖g‖)`` with ``α = λ/ρ``. ``α = 1`` is SAM.
+  ``(1 − α) g + α ∇L(θ + ρ g/‖g‖)`` with ``α = λ/ρ``; ``α = 1`` is SAM.
+
+  ``clean_gradient`` chooses the first term:
+
+  * ``"raw"`` (default): ``(1 − α) g`` — the paper's equation, and the
+    finite-difference gradient of the stated objective (the reference
+    README derives the same form).
+  * ``"normalized"``: ``(1 − α) g/(‖g‖ + eps)`` — the reference code's
+    default (``config.gnp.norm_perturbations = True`` in
+    ``config/base_config.py``; ``get_gnp_gradient`` in
+    ``training/training_core.py`` then mixes the unit-norm clean gradient).
+    This is not the gradient of ``L + λ‖∇L‖``: the relative weight of the two
+    terms changes with ``‖g‖``. The repository's first commit (June 2022)
+    defaulted to the raw gradient and the default changed five days later,
+    so the code does not settle which rule produced the paper's numbers;
+    hence the paper's rule is the default here.
+
+  Other differences from the reference: its ``dual_vector`` has no norm
+  guard (a zero gradient gives NaN; here ``eps``); its per-device
+  perturbation (``sync_perturbations = False``) is our ``axis_name`` mode,
+  and the default here is one global-batch perturbation; its ``r`` / ``λ``
+  warm-up strategies are not built in (schedule ``rho`` / ``alpha`` with
+  ``optax.inject_hyperparams``).
+
+  Args:
+    base_optimizer: optax transformation fed with the driving gradient.
+    rho: finite-difference step ``r``, > 0.
+    alpha: ``λ/r``, >= 0 (the reference recipes use 0.8).
+    clean_gradient: ``"raw"`` (paper, default) or ``"normalized"`` (code).
+    eps, mask, axis_name: as in ``sam``.
 
   References:
     Zhao, Zhang and Hu, Penalizing Gradient Norm for Efficiently Improving
-    Generalization in Deep Learning, ICML 2022. https://arxiv.org/abs/2202.03599
+    Generalization in Deep Learning, ICML 2022. https://arxiv.org/abs/2202.03599 ;
+    code: github.com/zhaoyang-0204/gnp, ``training/training_core.py``.
   """
   _base.check_positive("pgn: rho", rho)
   _base.check_positive("pgn: eps", eps)
   _base.check_positive("pgn: alpha", alpha, allow_zero=True)
+  _base.check_choice("pgn clean_gradient", clean_gradient, PGN_CLEAN)
 
   def perturb(g, params, pstate, count):
     del params, count
-    return normalized_direction(g, rho, eps), pstate, None
+    # aux: ‖g‖ over the perturbed (mask=True) leaves, the norm of the ascent
+    return normalized_direction(g, rho, eps), pstate, _base.global_norm(g)
 
-  def combine(g, gp, aux):
-    del aux
+  def combine(g, gp, g_norm):
     a = _base.f32(alpha)
+    if clean_gradient == "normalized":
+      denom = g_norm + _base.f32(eps)
+      g = jax.tree.map(lambda gi: gi.astype(F32) / denom, g)
     return jax.tree.map(lambda gi, pi: (1 - a) * gi.astype(F32) + a * pi.astype(F32),
                         g, gp)
 

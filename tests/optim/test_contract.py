@@ -13,7 +13,8 @@ import optim_testlib as tl
 
 NAMES = sorted(optim.TRANSFORMS)
 HELPERS = {"averaged_params", "default_weight_predicate", "masked_grad_fn",
-           "per_shard_update", "unperturbed_params", "weight_averaging", "TRANSFORMS"}
+           "per_shard_update", "reference_weight_predicate", "unperturbed_params",
+           "weight_averaging", "TRANSFORMS"}
 
 
 def test_registry_covers_every_exported_factory():
