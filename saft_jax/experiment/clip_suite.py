@@ -1,9 +1,11 @@
 """The ``clip`` suite: a CLIP checkpoint on disk, the paper's tasks, zero-shot heads.
 
 Needs (all local; nothing is downloaded): ``config.clip_checkpoint`` (a Hugging
-Face CLIP directory or an open_clip state dict), ``config.tokenizer_dir`` (the
-CLIP tokenizer files; defaults to the checkpoint directory for HF), and the
-datasets prepared for tensorflow-datasets in ``config.data_dir`` (GTSRB as an
+Face CLIP directory, an open_clip directory with open_clip_config.json, or an
+open_clip state dict, whose activation ``config.clip_act`` must then give),
+``config.tokenizer_dir`` (the tokenizer source: Hugging Face CLIP tokenizer files or
+open_clip's ``bpe_simple_vocab_16e6.txt.gz``; defaults to the checkpoint directory),
+and the datasets prepared for tensorflow-datasets in ``config.data_dir`` (GTSRB as an
 image folder, see :mod:`saft_jax.data`). θ0 is the image tower; each task's head
 is the frozen zero-shot head of SPEC §5, cached in the run directory.
 """
@@ -29,12 +31,20 @@ def build_clip_suite(config, cache_dir: str, *, tasks=None) -> Suite:
                      "an open_clip state-dict file) in the config")
   if not os.path.exists(config.clip_checkpoint):
     raise FileNotFoundError(f"CLIP checkpoint not found: {config.clip_checkpoint}")
-  clip = models.load_clip(config.clip_checkpoint)
+  try:
+    clip = models.load_clip(config.clip_checkpoint, act=config.clip_act)
+  except models.UnknownActivationError as err:
+    raise models.UnknownActivationError(
+        f"{err}\nIn the clip suite: set clip_act (--set clip_act=gelu or --set "
+        "clip_act=quick_gelu; CLIP_ACT for the built-in clip config).") from None
   tok_dir = config.tokenizer_dir or (config.clip_checkpoint
                                      if os.path.isdir(config.clip_checkpoint) else None)
   if tok_dir is None:
-    raise ValueError("the clip suite needs tokenizer_dir (local CLIP tokenizer files) for an "
-                     "open_clip checkpoint file")
+    found = models.open_clip_bpe_path()
+    raise ValueError("the clip suite needs tokenizer_dir for an open_clip checkpoint file: a "
+                     "directory with Hugging Face CLIP tokenizer files, or open_clip's "
+                     f"{models.BPE_VOCAB_FILE}"
+                     + (f" (open_clip is installed: tokenizer_dir={found})" if found else ""))
   tokenizer = models.load_tokenizer(tok_dir)
   names = list(tasks or config.tasks or TEMPLATE_SETS)
   image_size = clip.config.vision.image_size

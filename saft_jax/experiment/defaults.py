@@ -30,10 +30,13 @@ def clip_config(model: str = "ViT-B-32") -> ReproduceConfig:
   """The paper's protocol (SPEC §5) for a CLIP checkpoint on the 8 tasks.
 
   Local paths come from the environment: ``CLIP_CHECKPOINT`` (default
-  ``checkpoints/<model>``), ``CLIP_TOKENIZER_DIR`` and ``TFDS_DATA_DIR``.
+  ``checkpoints/<model>``), ``CLIP_TOKENIZER_DIR`` (a tokenizer directory or open_clip's
+  ``bpe_simple_vocab_16e6.txt.gz``) and ``TFDS_DATA_DIR``; ``CLIP_ACT`` (``gelu`` or
+  ``quick_gelu``) gives the activation of a bare open_clip state dict.
   """
   return ReproduceConfig(
       clip_checkpoint=os.environ.get("CLIP_CHECKPOINT", os.path.join("checkpoints", model)),
+      clip_act=os.environ.get("CLIP_ACT") or None,
       tokenizer_dir=os.environ.get("CLIP_TOKENIZER_DIR"),
       data_dir=os.environ.get("TFDS_DATA_DIR"),
       suite="clip", tasks=("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397",

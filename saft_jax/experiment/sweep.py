@@ -43,7 +43,15 @@ _NOT_TRAINING = ("tasks", "finetunes", "safts", "merges", "protocols", "seeds",
 # Sharpness fields of OptimConfig, and the settings that read them.
 _SHARPNESS = {"sam_rho": ("sam",), "asam_rho": ("asam",), "asam_eta": ("asam",)}
 _SUITE_FIELDS = ("suite", "tasks", "pretrain_steps", "clip_checkpoint", "tokenizer_dir",
-                 "data_dir", "compute_dtype")
+                 "data_dir", "compute_dtype", "clip_act")
+# Fields added after caches existed: left out of fingerprints while unset (None), so that
+# runs cached before them keep their keys.
+_OMIT_WHEN_UNSET = ("clip_act",)
+
+
+def _suite_fields(config) -> dict:
+  return {k: getattr(config, k) for k in _SUITE_FIELDS
+          if not (k in _OMIT_WHEN_UNSET and getattr(config, k) is None)}
 
 
 def _digest(obj) -> str:
@@ -55,6 +63,9 @@ def finetune_fingerprint(config, saft: str) -> dict:
   raw = dataclasses.asdict(config)
   for k in _NOT_TRAINING:
     raw.pop(k)
+  for k in _OMIT_WHEN_UNSET:
+    if raw.get(k, 0) is None:
+      raw.pop(k)
   raw["optim"] = {k: v for k, v in raw["optim"].items()
                   if k not in _SHARPNESS or saft in _SHARPNESS[k]}
   raw["saft"] = saft
@@ -145,7 +156,7 @@ def sweep(base_config, settings: list[dict], out_dir: str, *, measures=(),
   suites, records = {}, []
   mesh = runner.make_run_mesh(base_config)
   for i, (setting, config) in enumerate(zip(settings, configs)):
-    suite_key = _digest({k: getattr(config, k) for k in _SUITE_FIELDS})
+    suite_key = _digest(_suite_fields(config))
     if suite_key not in suites:
       suite = runner.build_suite(config, os.path.join(cache_dir, f"suite-{suite_key}"))
       suites[suite_key] = (suite, runner.make_counters(suite))

@@ -13,6 +13,18 @@ import dataclasses
 from typing import Optional
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# Which activation a CLIP checkpoint was trained with; said by every error that asks for it.
+ACT_CHOICES = ('"gelu" for open_clip-trained weights (e.g. laion2b_*, datacomp_*, '
+               'commonpool_*: open_clip\'s ViT-B-32 / ViT-B-16 / ViT-L-14 configs) or '
+               '"quick_gelu" for OpenAI weights and open_clip\'s "-quickgelu" models '
+               '(openai, laion400m_*, metaclip_*, dfn*)')
+
+
+def check_act(act: str, where: str = "act") -> str:
+  """`act` if it is one of `ACTIVATIONS`; a ValueError naming both choices otherwise."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f"{where} must be one of {ACTIVATIONS}, got {act!r}: {ACT_CHOICES}")
+  return act
 
 
 def _check_common(name: str, width: int, layers: int, heads: int, mlp_ratio: float,
@@ -56,7 +68,8 @@ class VisionConfig(_TowerDims):
     heads: attention heads per block.
     output_dim: size of the projected image embedding.
     mlp_ratio: MLP hidden size / width (the MLP hidden size is `round(width * mlp_ratio)`).
-    act: "quick_gelu" (OpenAI weights) or "gelu" (exact GELU, LAION weights).
+    act: "quick_gelu" (OpenAI weights) or "gelu" (exact GELU, open_clip-trained weights
+      such as laion2b).
     in_channels: image channels (3 for RGB).
     ln_eps: LayerNorm epsilon.
   """
@@ -132,6 +145,13 @@ class CLIPConfig:
   @property
   def embed_dim(self) -> int:
     return self.vision.output_dim
+
+
+def with_act(cfg: CLIPConfig, act: str) -> CLIPConfig:
+  """`cfg` with the activation of both towers set to `act`."""
+  check_act(act)
+  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, act=act),
+                             text=dataclasses.replace(cfg.text, act=act))
 
 
 # ----------------------------------------------------------------------------- presets

@@ -8,6 +8,8 @@ every missing, unexpected or mis-shaped key raises a ValueError that names it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
+import zipfile
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -181,17 +183,48 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str,
     save_file(dict(state), path, metadata=metadata)
 
 
-def read_torch(path: str) -> Dict[str, np.ndarray]:
-  """Reads a PyTorch state dict (`.pt`/`.bin`, plain, `{"state_dict": ...}` or TorchScript)."""
+def is_torchscript(path: str) -> bool:
+  """Whether `path` is a TorchScript archive (e.g. OpenAI's original CLIP `.pt` files).
+
+  TorchScript archives are zip files whose records include `constants.pkl` (and `code/`),
+  which plain `torch.save` zips lack; checked without PyTorch.
+  """
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+
+
+def _torch():
   try:
     import torch
   except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(f"reading {path!r} needs PyTorch (pip install torch), or convert the "
-                      "checkpoint to safetensors") from err
-  try:
+    raise ImportError("reading PyTorch checkpoints (.pt, .pth, .bin) needs PyTorch (pip install "
+                      "torch), or convert the checkpoint to safetensors") from err
+  return torch
+
+
+def _jit_state_dict(path: str):
+  """The state dict of a TorchScript archive, through `torch.jit.load` (what `torch.load`
+  would dispatch to, with a warning); its deprecation notice is not the caller's business."""
+  torch = _torch()
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+    return torch.jit.load(path, map_location="cpu").state_dict()
+
+
+def read_torch(path: str) -> Dict[str, np.ndarray]:
+  """Reads a PyTorch state dict (`.pt`/`.bin`: plain, `{"state_dict": ...}` or TorchScript).
+
+  TorchScript archives (OpenAI's original `.pt`) are loaded with `torch.jit.load`; every
+  other file with `torch.load(weights_only=True)`, which never runs pickled code.
+  """
+  torch = _torch()
+  if is_torchscript(path):
+    obj = _jit_state_dict(path)
+  else:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except RuntimeError:
-    obj = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's original .pt
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):

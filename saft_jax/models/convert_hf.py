@@ -2,7 +2,8 @@
 
 A Hugging Face CLIP directory holds `config.json` (a `CLIPConfig`) and
 `model.safetensors` with transformers' key names (`vision_model.*`, `text_model.*`,
-`visual_projection.weight`, `text_projection.weight`, `logit_scale`).
+`visual_projection.weight`, `text_projection.weight`, `logit_scale`). The activation is
+config.json's `hidden_act` ("quick_gelu", transformers' default when absent, or "gelu").
 """
 from __future__ import annotations
 
@@ -157,6 +158,10 @@ def params_to_hf_state_dict(params: Mapping, cfg: CLIPConfig) -> Dict[str, np.nd
 
 def is_hf_dir(path: str) -> bool:
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def has_hf_weights(path: str) -> bool:
+  return any(os.path.isfile(os.path.join(path, n)) for n in (WEIGHTS_FILE, "pytorch_model.bin"))
 
 
 def load_hf(path: str, *, dtype=np.float32):

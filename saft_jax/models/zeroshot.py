@@ -74,7 +74,7 @@ def zeroshot_head(clip, tokenizer, classnames: Sequence[str], templates: Sequenc
 
   Args:
     clip: a `saft_jax.models.CLIP` (its config and `encode_text`).
-    tokenizer: a `CLIPTokenizer` (see `load_tokenizer`).
+    tokenizer: from `load_tokenizer` (a `BPETokenizer` or transformers' `CLIPTokenizer`).
     classnames: the task's class names, in label order.
     templates: prompt templates (strings with `{c}`, or callables `classname -> prompt`).
     params: full CLIP params (default `clip.params`); only the text tower and

@@ -15,6 +15,7 @@ import hf_utils  # noqa: E402
 
 from saft_jax import models  # noqa: E402
 from saft_jax.experiment import config as config_lib, runner  # noqa: E402
+from saft_jax.experiment import clip_suite  # noqa: E402
 from saft_jax.experiment.clip_suite import build_clip_suite  # noqa: E402
 
 
@@ -66,3 +67,61 @@ def test_clip_suite_errors(tmp_path, checkpoint):
     build_clip_suite(_config(str(tmp_path / "nope")), str(tmp_path))
   with pytest.raises(ValueError, match="unknown CLIP task"):
     build_clip_suite(_config(checkpoint, tasks=("imagenet",)), str(tmp_path))
+
+
+# ------------------------------------------------------- open_clip: activation and tokenizer
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory):
+  """A bare open_clip state dict (GELU weights, widths multiple of 64) and a BPE vocabulary
+  file in open_clip's format (no merges: 514 tokens, the model's vocabulary)."""
+  import gzip
+  import safetensors.torch
+  d = tmp_path_factory.mktemp("oc")
+  model = hf_utils.tiny_hf_model("gelu", legacy_eos=True, vocab_size=514, text=(64, 1),
+                                 vision=(128, 2))
+  sd = hf_utils.open_clip_state_dict(model)
+  path = str(d / "open_clip_model.safetensors")
+  safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+  bpe = str(d / "bpe_simple_vocab_16e6.txt.gz")
+  with gzip.open(bpe, "wt") as f:
+    f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n")
+  return path, bpe
+
+
+def test_clip_suite_open_clip_file_needs_clip_act(open_clip_file, tmp_path, monkeypatch):
+  path, bpe = open_clip_file
+  with pytest.raises(models.UnknownActivationError, match=r"(?s)quick_gelu.*--set clip_act="):
+    build_clip_suite(_config(path, tokenizer_dir=bpe), str(tmp_path))
+  cfg = _config(path, tokenizer_dir=bpe, clip_act="gelu", tasks=("mnist",))
+  # the data do not enter the heads: skip the (slow) mock-data pipeline
+  monkeypatch.setattr(clip_suite.data_lib, "load_task", lambda name, **kw: name)
+  suite = build_clip_suite(cfg, str(tmp_path / "a"))
+  clip = models.load_clip(path, act="gelu")
+  tok = models.load_tokenizer(bpe)
+  assert isinstance(tok, models.BPETokenizer)
+  want = models.zeroshot_head(clip, tok, models.get_classnames("MNIST"),
+                              models.get_templates("MNIST"))
+  np.testing.assert_allclose(np.asarray(suite.heads["mnist"]), np.asarray(want), rtol=1e-6)
+  assert suite.vision == clip.config.vision and suite.vision.act == "gelu"
+  # clip_act reaches load_clip as act= (which wins over what a checkpoint records)
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def spy(p, **kw):
+    seen.append((p, kw))
+    raise Stop
+
+  monkeypatch.setattr(models, "load_clip", spy)
+  with pytest.raises(Stop):
+    build_clip_suite(config_lib.replace(cfg, clip_act="quick_gelu"), str(tmp_path / "b"))
+  assert seen == [(path, {"act": "quick_gelu"})]
+
+
+def test_clip_act_config_field():
+  cfg = config_lib.apply_overrides(_config("x"), ["clip_act=gelu"])
+  assert cfg.clip_act == "gelu"
+  assert config_lib.apply_overrides(cfg, ["clip_act=none"]).clip_act is None
+  with pytest.raises(ValueError, match="clip_act.*gelu.*quick_gelu"):
+    _config("x", clip_act="relu")

@@ -1,4 +1,5 @@
 """`saft sweep`: settings × seeds, fine-tunings reused, records and reports; `--set` on the CLI."""
+import dataclasses
 import json
 import os
 
@@ -86,6 +87,15 @@ def test_baseline_keys_follow_what_changes_plain_adamw():
   assert "asam_rho" in sweep.finetune_fingerprint(base, "asam")["optim"]
   with pytest.raises(ValueError, match="swept twice"):
     sweep.grid_settings([("steps", [1]), ("steps", [2])])
+
+
+def test_unset_late_fields_keep_old_fingerprints():
+  base = _config()
+  assert "clip_act" not in sweep.finetune_fingerprint(base, "none")
+  assert "clip_act" not in sweep._suite_fields(base)
+  gelu = dataclasses.replace(base, clip_act="gelu")
+  assert sweep.finetune_fingerprint(gelu, "none")["clip_act"] == "gelu"
+  assert sweep._digest(sweep._suite_fields(gelu)) != sweep._digest(sweep._suite_fields(base))
 
 
 def test_sweep_bad_input(tmp_path):

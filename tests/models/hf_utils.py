@@ -4,18 +4,20 @@ import numpy as np
 VOCAB, EOS, CTX = 99, 98, 16
 
 
-def tiny_hf_model(act: str, legacy_eos: bool, seed: int = 0):
-  """A tiny random transformers CLIPModel (float32, eval) with randomized LayerNorms."""
+def tiny_hf_model(act: str, legacy_eos: bool, seed: int = 0, *, vocab_size: int = VOCAB,
+                  text=(32, 4), vision=(48, 3)):
+  """A tiny random transformers CLIPModel (float32, eval) with randomized LayerNorms;
+  `text` / `vision` are (width, heads)."""
   import torch
   from transformers import CLIPConfig, CLIPModel
   cfg = CLIPConfig(
-      text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CTX,
-                       hidden_act=act, eos_token_id=2 if legacy_eos else EOS, bos_token_id=97,
-                       pad_token_id=0),
-      vision_config=dict(image_size=16, patch_size=4, hidden_size=48, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=3, hidden_act=act,
-                         num_channels=3),
+      text_config=dict(vocab_size=vocab_size, hidden_size=text[0], intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=text[1],
+                       max_position_embeddings=CTX, hidden_act=act,
+                       eos_token_id=2 if legacy_eos else EOS, bos_token_id=97, pad_token_id=0),
+      vision_config=dict(image_size=16, patch_size=4, hidden_size=vision[0],
+                         intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=vision[1], hidden_act=act, num_channels=3),
       projection_dim=24)
   torch.manual_seed(seed)
   model = CLIPModel(cfg).eval()
@@ -138,3 +140,36 @@ def random_like(tree, seed=0, std=0.05):
   import jax.numpy as jnp
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: jnp.asarray(std * rng.normal(size=a.shape), a.dtype), tree)
+
+
+def save_torchscript(state_dict, path, extras=True):
+  """A TorchScript archive (`torch.jit.script(...).save`) whose state dict is `state_dict`,
+  as OpenAI's original CLIP .pt files; `extras` adds OpenAI's integer entries."""
+  import torch
+
+  class Holder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+      return x
+
+  root = Holder()
+  items = dict(state_dict)
+  if extras:
+    ctx = items["positional_embedding"].shape[0]
+    items.update(input_resolution=torch.tensor(224), context_length=torch.tensor(ctx),
+                 vocab_size=torch.tensor(items["token_embedding.weight"].shape[0]))
+  for key, value in items.items():
+    *names, leaf = key.split(".")
+    module = root
+    for name in names:
+      if not hasattr(module, name):
+        module.add_module(name, Holder())
+      module = getattr(module, name)
+    value = torch.as_tensor(value)
+    if value.is_floating_point() and key != "attn_mask":
+      module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    else:
+      module.register_buffer(leaf, value.clone())
+  import warnings
+  with warnings.catch_warnings():  # torch.jit.script's own deprecation notice
+    warnings.simplefilter("ignore", DeprecationWarning)
+    torch.jit.script(root).save(path)
