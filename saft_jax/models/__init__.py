@@ -15,3 +15,9 @@ from saft_jax.models.templates import (CLASSNAMES, DATASETS, TEMPLATES, format_p
                                        get_classnames, get_templates)
 from saft_jax.models.zeroshot import (classify, head_from_text_embeddings, params_hash, prompts,
                                       zeroshot_head)
+from saft_jax.models.t5 import (T5Config, greedy_decode, init_t5_params, rank_classify,
+                                relative_position_bucket, sequence_logprob, shift_right,
+                                t5_logits)
+from saft_jax.models.t5 import decode as t5_decode, encode as t5_encode
+from saft_jax.models.t5_load import T5, load_t5, save_t5
+from saft_jax.models.text_vocab import ByteVocab, decode_texts, encode_texts, load_text_tokenizer
