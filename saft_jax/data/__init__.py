@@ -12,3 +12,8 @@ from saft_jax.data.splits import (batch_indices, host_rows, own_split, own_split
                                   protocol_val_split)
 from saft_jax.data.tfds_tasks import PAPER_TASKS, known_tasks, load_task, tfds_task
 from saft_jax.data.folder import folder_task
+from saft_jax.data.text_tasks import (GLUE_TASKS, TextSplit, TextTask, glue_input,
+                                      known_text_tasks, load_glue_task, load_text_task,
+                                      text_eval_batches, text_train_batches)
+from saft_jax.data.text_offline import (TASKS as OFFLINE_TEXT_TASKS, offline_text_suite,
+                                        pretext_corpus, span_corruption)
