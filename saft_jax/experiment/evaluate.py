@@ -101,8 +101,10 @@ def grid_accuracy(counter, params0, direction, lams, head,
                   batches: Iterable[Batch]) -> np.ndarray:
   """Accuracy (fraction in [0, 1]) for every ``λ``, over all ``batches``."""
   n = len(lams)
-  # Pad λ to a multiple of 8 so that grids of different lengths share one executable.
-  padded = list(lams) + [0.0] * ((-n % 8) if n > 1 else 0)
+  # Pad λ to a power of two up to 8, then to a multiple of 8, so that grids of different
+  # lengths share a few executables without evaluating many unused λ.
+  size = 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+  padded = list(lams) + [0.0] * (size - n)
   lams = jnp.asarray(padded, jnp.float32)
   correct = np.zeros(lams.shape[0], np.int64)
   total = 0
