@@ -49,9 +49,12 @@ _SUITE_FIELDS = ("suite", "tasks", "pretrain_steps", "clip_checkpoint", "tokeniz
 _OMIT_WHEN_UNSET = ("clip_act",)
 
 
+def _without_unset(fields: dict) -> dict:
+  return {k: v for k, v in fields.items() if not (k in _OMIT_WHEN_UNSET and v is None)}
+
+
 def _suite_fields(config) -> dict:
-  return {k: getattr(config, k) for k in _SUITE_FIELDS
-          if not (k in _OMIT_WHEN_UNSET and getattr(config, k) is None)}
+  return _without_unset({k: getattr(config, k) for k in _SUITE_FIELDS})
 
 
 def _digest(obj) -> str:
@@ -60,12 +63,9 @@ def _digest(obj) -> str:
 
 def finetune_fingerprint(config, saft: str) -> dict:
   """The config fields that can change a fine-tuning run under sharpness setting ``saft``."""
-  raw = dataclasses.asdict(config)
+  raw = _without_unset(dataclasses.asdict(config))
   for k in _NOT_TRAINING:
     raw.pop(k)
-  for k in _OMIT_WHEN_UNSET:
-    if raw.get(k, 0) is None:
-      raw.pop(k)
   raw["optim"] = {k: v for k, v in raw["optim"].items()
                   if k not in _SHARPNESS or saft in _SHARPNESS[k]}
   raw["saft"] = saft
