@@ -78,8 +78,9 @@ def _sweep(args) -> int:
 
 def _add_job_options(p, default_out: str) -> None:
   """The options ``reproduce`` and ``sweep`` share."""
-  p.add_argument("--suite", default="offline", choices=("offline", "clip"),
-                 help="built-in suite default (offline: no downloads)")
+  p.add_argument("--suite", default="offline", choices=("offline", "clip", "text", "glue"),
+                 help="built-in suite default (offline, text: no downloads; clip: a CLIP "
+                 "checkpoint on 8 image tasks; glue: a T5 checkpoint on GLUE)")
   p.add_argument("--config", help="a Python config file defining get_config()")
   p.add_argument("--out", default=default_out, help="output directory")
   p.add_argument("--all-methods", action="store_true", help="add FTTS and FTLO to SGD")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
   _add_job_options(rep, "runs/offline")
   rep.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, dotted for nested ones (optim.asam_rho=0.02, "
-                   "steps=100, tasks=digits,rot90); repeatable")
+                   "steps=100, tasks=digits,rot90, text.pretrain_steps=200); repeatable")
   rep.set_defaults(func=_reproduce)
   swp = sub.add_parser("sweep", help="the main job over config values × seeds, paired with "
                        "plain AdamW", description="example: saft sweep --set "

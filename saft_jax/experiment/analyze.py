@@ -45,6 +45,9 @@ def _load_config(run_dir):
                             f"(no config.json)")
   raw = json.load(open(path))
   raw["optim"] = config_lib.OptimConfig(**raw["optim"])
+  if "text" in raw:
+    raw["text"] = config_lib.TextConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in raw["text"].items()})
   for k, v in raw.items():
     if isinstance(v, list):
       raw[k] = tuple(v)
@@ -156,6 +159,9 @@ def analyze_run(run_dir: str, *, out_dir: str | None = None, resolution: int = 2
   """Runs the analysis of a run directory; returns the numbers written to JSON."""
   from saft_jax.experiment.runner import build_suite
   config = _load_config(run_dir)
+  if config.suite in config_lib.TEXT_SUITES:
+    raise ValueError(f"saft analyze supports the vision suites only; {run_dir} is a run of "
+                     f"the {config.suite} suite")
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   os.makedirs(out_dir, exist_ok=True)
   suite = build_suite(config, run_dir)

@@ -22,9 +22,19 @@ EXTRA_MERGES = ("dare_ties", "breadcrumbs", "magmax", "consensus", "consensus_ti
                 "iso_c")
 
 
+SCHEDULES = ("cosine", "linear")
+TEXT_SUITES = ("text", "glue")
+SUITES = ("offline", "clip") + TEXT_SUITES
+TEXT_SCORES = ("rank", "exact")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW + warm-up/cosine + clip (SPEC §5), and the SAM family's settings."""
+  """AdamW + warm-up/decay + clip (SPEC §5), and the SAM family's settings.
+
+  ``schedule`` is the learning-rate decay after the linear warm-up: ``"cosine"`` (the
+  vision protocol) or ``"linear"`` (decay to 0 at the last step: the NLP protocol).
+  """
   lr: float = 1e-5
   weight_decay: float = 0.1
   warmup_steps: int = 500
@@ -35,6 +45,66 @@ class OptimConfig:
   sam_rho: float = 0.05
   asam_rho: float = 0.5
   asam_eta: float = 0.01
+  schedule: str = "cosine"
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Settings of the text suites (``suite="text"`` or ``"glue"``).
+
+  Attributes:
+    d_model, num_layers, num_decoder_layers, num_heads, d_ff, feed_forward_proj,
+    tie_word_embeddings: text suite: the byte-level T5 (``d_kv = d_model // num_heads``;
+      the vocabulary is :class:`saft_jax.models.ByteVocab` without sentinel ids).
+    max_input_len: input tokens (longer inputs are truncated, EOS kept).
+    max_target_len: target tokens of training targets and label-word candidates.
+    pretrain_steps, pretrain_batch_size, pretrain_lr: text suite: the pretext
+      pre-training of θ0 (:func:`saft_jax.experiment.text_pretrain.pretrain_text_t5`).
+    sizes: text suite: (train, val, test) examples per task.
+    t5_checkpoint: glue suite: a Hugging Face T5 directory (e.g. Flan-T5-base).
+    tokenizer_dir: glue suite: the tokenizer files (``None``: the checkpoint directory).
+    data_dir: glue suite: tensorflow-datasets data directory holding ``glue/*``.
+    score: the accuracy that drives the coefficient search, the best checkpoint and the
+      tables: ``"exact"`` (the greedy generation is the true label word) or ``"rank"``
+      (the true label word has the highest sequence log-probability among the task's
+      label words). Both are recorded in ``results.json``.
+    compute_dtype: "float32" or "bfloat16" activations of the T5 (params stay float32).
+  """
+  d_model: int = 64
+  num_layers: int = 2
+  num_decoder_layers: int = 1
+  num_heads: int = 4
+  d_ff: int = 256
+  feed_forward_proj: str = "gated-gelu"
+  tie_word_embeddings: bool = False
+  max_input_len: int = 128
+  max_target_len: int = 16
+  pretrain_steps: int = 400
+  pretrain_batch_size: int = 64
+  pretrain_lr: float = 1e-3
+  sizes: tuple = (2000, 100, 200)
+  t5_checkpoint: Optional[str] = None
+  tokenizer_dir: Optional[str] = None
+  data_dir: Optional[str] = None
+  score: str = "exact"
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.score not in TEXT_SCORES:
+      raise ValueError(f"text.score must be one of {TEXT_SCORES}, got {self.score!r}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"text.compute_dtype must be float32 or bfloat16, got "
+                       f"{self.compute_dtype!r}")
+    if (not isinstance(self.sizes, tuple) or len(self.sizes) != 3
+        or not all(isinstance(n, int) and n > 0 for n in self.sizes)):
+      raise ValueError(f"text.sizes must be three positive ints (train, val, test), got "
+                       f"{self.sizes!r}")
+    if self.max_input_len < 2 or self.max_target_len < 2:
+      raise ValueError("text.max_input_len and text.max_target_len must be >= 2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +112,9 @@ class ReproduceConfig:
   """Everything ``saft reproduce`` needs.
 
   Attributes:
-    suite: "offline" (digits tasks, tiny ViT; no downloads) or "clip".
+    suite: "offline" (digits tasks, tiny ViT; no downloads), "clip", "text" (four
+      grammar text tasks, small byte-level T5; no downloads) or "glue" (a T5 checkpoint on
+      GLUE cola/mrpc/rte/sst2); the last two read their settings from ``text``.
     tasks: task names of the suite (``None``: all of them).
     finetunes: fine-tuning methods out of :data:`FINETUNES`.
     safts: sharpness settings out of :data:`SAFTS` ("none" is plain AdamW).
@@ -54,7 +126,8 @@ class ReproduceConfig:
     accum_steps: gradient accumulation micro-batches per step.
     eval_every: validation (and best-checkpoint) period in steps.
     checkpoint_every: periodic checkpoint period in steps.
-    compute_dtype: "float32" or "bfloat16" (params stay float32).
+    compute_dtype: "float32" or "bfloat16" (params stay float32); vision suites (the text
+      suites use ``text.compute_dtype``).
     mesh_shape: devices along the ``data`` axis (``None``: all devices if there are
       several; ``1``: a single device without sharding annotations).
     optim: optimizer settings.
@@ -74,7 +147,9 @@ class ReproduceConfig:
     async_checkpoint: write orbax checkpoints in a background thread.
     stack_runs: fine-tuning runs (task × seed) of one method and sharpness setting trained
       together in one compiled program (``jax.vmap``): 1 = one at a time, 0 = all of them,
-      N = groups of N. Same numbers either way, up to float rounding.
+      N = groups of N. Same numbers either way, up to float rounding. Vision suites only
+      (the text suites train one run at a time).
+    text: settings of the text suites (:class:`TextConfig`).
   """
   suite: str = "offline"
   tasks: Optional[tuple] = None
@@ -100,8 +175,11 @@ class ReproduceConfig:
   eval_batch_size: int = 256
   async_checkpoint: bool = True
   stack_runs: int = 1
+  text: TextConfig = TextConfig()
 
   def __post_init__(self):
+    if self.suite not in SUITES:
+      raise ValueError(f"unknown suite {self.suite!r}; known: {', '.join(SUITES)}")
     for name, values, known in (("finetunes", self.finetunes, FINETUNES),
                                 ("safts", self.safts, SAFTS),
                                 ("merges", self.merges, BASIC_MERGES + EXTRA_MERGES)):
@@ -169,8 +247,9 @@ def _field_hints(obj) -> dict:
   return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
-def config_keys(config: ReproduceConfig | OptimConfig) -> list[str]:
-  """All settable dotted keys of a config, e.g. ``"steps"``, ``"optim.asam_rho"``.
+def config_keys(config: ReproduceConfig | OptimConfig | TextConfig) -> list[str]:
+  """All settable dotted keys of a config, e.g. ``"steps"``, ``"optim.asam_rho"``,
+  ``"text.pretrain_steps"``.
 
   Args:
     config: a :class:`ReproduceConfig` (or a nested config such as :class:`OptimConfig`).

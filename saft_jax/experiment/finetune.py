@@ -35,11 +35,13 @@ from saft_jax.experiment.evaluate import head_logits, pad_head
 
 
 def make_optimizer(config, saft: str, total_steps: int):
-  """The protocol's AdamW chain, wrapped by SAM/ASAM when ``saft`` asks for it."""
+  """The protocol's AdamW chain (``config.optim.schedule``: cosine or linear decay after
+  the warm-up), wrapped by SAM/ASAM when ``saft`` asks for it."""
   o = config.optim
   # Short smoke runs keep at least half of their steps after the warm-up.
   base = train_lib.make_base_optimizer(o.lr, total_steps, min(o.warmup_steps, total_steps // 2),
-                                       o.weight_decay, o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+                                       o.weight_decay, o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps,
+                                       schedule=o.schedule)
   if saft == "none":
     return base
   if saft == "sam":

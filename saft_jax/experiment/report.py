@@ -7,6 +7,12 @@ least ``task``, ``finetune`` (sgd/ftts/ftlo), ``saft`` (none/asam/...), ``merge`
 [0, 1]), ``lam`` and ``hparams``. ``results.md`` lays the task means out like the
 paper's tables (SPEC §8): one row per merge, one column per fine-tuning method,
 cells ``Abs / Norm`` in percent, ``mean ± std`` over seeds when there are several.
+
+Text suites (``meta["score"]`` set) add to each record ``rank_acc``, ``exact_acc`` and
+``label_words`` = ``{"this_task", "other_task", "neither"}``: the shares of the merged
+model's greedy outputs on the test split that are a label word of the record's task, of
+another task of the suite, or neither (they sum to 1). ``results.md`` then gets a table
+of these shares per protocol, merge and method.
 """
 from __future__ import annotations
 
@@ -22,6 +28,11 @@ PROTOCOL_TEXT = {
     "per_task": "one λ per target task from {0.1, 0.3, 0.5, 0.7, 0.9, 1.0}, chosen by "
                 "that task's validation accuracy (SAFT reference code's protocol)",
     "fixed": "no search: λ = 0.3 and default hyper-parameters (TIES k = 0.2)",
+}
+SCORE_TEXT = {
+    "exact": "exact match of the generated (greedy) text with the true label word",
+    "rank": "rank classification (the true label word has the highest sequence "
+            "log-probability among the task's label words)",
 }
 FINETUNE_NAMES = {"sgd": "SGD", "ftts": "FTTS", "ftlo": "FTLO"}
 MERGE_NAMES = {"weight_average": "weight averaging", "task_arithmetic": "task arithmetic",
@@ -61,6 +72,8 @@ def markdown(records: list[dict], meta: dict) -> str:
            f"Seeds: {seeds}. Tasks: {', '.join(meta.get('tasks', []))}. "
            "Cells: mean over tasks of absolute / normalized test accuracy (%)"
            + (", mean ± std over seeds." if len(seeds) > 1 else "."), ""]
+  if meta.get("score"):
+    lines += [f"Accuracy: {SCORE_TEXT.get(meta['score'], meta['score'])}.", ""]
   for protocol in [p for p in PROTOCOL_TEXT if any(r["protocol"] == p for r in records)]:
     lines += [f"## Protocol `{protocol}`: {PROTOCOL_TEXT[protocol]}", "",
               "| merge | " + " | ".join(method_label(*m) for m in methods) + " |",
@@ -86,7 +99,34 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines.append(f"| {method_label(*m)} | " + " | ".join(f"{100 * x:.2f}" for x in means)
                  + f" | {100 * np.nanmean(means):.2f} |")
   lines.append("")
+  if any("label_words" in r for r in records):
+    lines += label_word_table(records, tasks, methods, merges)
   return "\n".join(lines)
+
+
+def label_word_table(records: list[dict], tasks: list, methods: list, merges: list) -> list:
+  """Markdown lines: per protocol, merge and method, the shares (%) of each task's test
+  outputs that are a label word of that task / of another task / neither (seed means)."""
+  lines = ["## Label words of the merged models' outputs (%)", "",
+           "Per task: greedy outputs that are a label word of this task / of another task "
+           "of the suite / neither (test split, mean over seeds).", ""]
+  for protocol in [p for p in PROTOCOL_TEXT if any(r["protocol"] == p for r in records)]:
+    lines += [f"### Protocol `{protocol}`", "",
+              "| merge | method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for merge in merges:
+      for m in methods:
+        cells = []
+        for t in tasks:
+          shares = [r["label_words"] for r in records if "label_words" in r
+                    and (r["protocol"], r["merge"], r["finetune"], r["saft"], r["task"])
+                    == (protocol, merge, *m, t)]
+          cells.append("–" if not shares else " / ".join(
+              f"{100 * np.mean([s[k] for s in shares]):.1f}"
+              for k in ("this_task", "other_task", "neither")))
+        lines.append(f"| {MERGE_NAMES.get(merge, merge)} | {method_label(*m)} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
 
 
 def write_results(out_dir: str, records: list[dict], meta: dict) -> tuple[str, str]:

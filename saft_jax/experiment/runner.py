@@ -1,5 +1,12 @@
 """``saft reproduce``: fine-tune every task with every method, merge, search, report.
 
+One pipeline for every suite; what differs between the vision suites (``offline``,
+``clip``: an image encoder with frozen heads) and the text suites (``text``, ``glue``:
+a T5 whose outputs are label words, :mod:`saft_jax.experiment.text_suite`) is behind
+:func:`build_suite`, :func:`make_counters`, :func:`make_accuracy` and the fine-tuning
+of one run. Records of text suites also hold ``rank_acc``, ``exact_acc`` and
+``label_words`` (see :mod:`saft_jax.experiment.text_eval`).
+
 Run directory layout (read by ``saft analyze``)::
 
   OUT/suite.json, theta0.msgpack, heads.msgpack      # the suite's θ0 and frozen heads
@@ -27,6 +34,7 @@ import numpy as np
 from saft_jax import data as data_lib
 from saft_jax import merging
 from saft_jax import train as train_lib
+from saft_jax.experiment import config as config_lib
 from saft_jax.experiment import evaluate, report, search
 from saft_jax.experiment import regime as regime_lib
 from saft_jax.experiment.finetune import finetune_stacked, finetune_task
@@ -39,12 +47,22 @@ TIES_KS = (0.1, 0.2, 0.3)
 
 
 def build_suite(config, out_dir):
+  """The suite of ``config`` (θ0 and whatever it caches live in ``out_dir``)."""
   if config.suite == "offline":
     return build_offline_suite(config, out_dir)
   if config.suite == "clip":
     from saft_jax.experiment.clip_suite import build_clip_suite
     return build_clip_suite(config, out_dir)
-  raise ValueError(f"unknown suite {config.suite!r}; known: offline, clip")
+  if config.suite in config_lib.TEXT_SUITES:
+    from saft_jax.experiment.text_suite import build_text_suite
+    return build_text_suite(config, out_dir)
+  raise ValueError(f"unknown suite {config.suite!r}; known: {', '.join(config_lib.SUITES)}")
+
+
+def is_text_suite(suite) -> bool:
+  """Whether ``suite`` is a text suite (a T5 generating label words)."""
+  from saft_jax.experiment.text_suite import TextSuite
+  return isinstance(suite, TextSuite)
 
 
 def _extra_direction(merge: str, tvs: list, seed: int):
@@ -121,13 +139,21 @@ def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
   missing = [(t, s) for s in seeds for t in suite.tasks
              if not os.path.exists(os.path.join(_run_dir(ft_root, finetune, saft, s, t),
                                                 "task_vector.msgpack"))]
-  size = len(missing) if config.stack_runs == 0 else config.stack_runs
+  text = is_text_suite(suite)  # text suites train one run at a time
+  single = text or config.stack_runs == 1
+  size = 1 if text else (len(missing) if config.stack_runs == 0 else config.stack_runs)
   for g in range(0, len(missing), max(size, 1)):
     group, t0 = missing[g:g + max(size, 1)], time.time()
-    if len(group) == 1 and config.stack_runs == 1:
+    if len(group) == 1 and single:
       (t, s), = group
       run_dir = _run_dir(ft_root, finetune, saft, s, t)
-      tv, best = finetune_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
+      logger.info("fine-tuning %s %s-%s seed %d (%d of %d missing runs)", t, finetune, saft, s,
+                  g + 1, len(missing))
+      if text:
+        from saft_jax.experiment.text_finetune import finetune_text_task
+        tv, best = finetune_text_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
+      else:
+        tv, best = finetune_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
       _save_run(run_dir, tv, best)
       results, history = [(tv, best)], None
     else:
@@ -158,20 +184,39 @@ def _read_jsonl(path):
 
 
 def merge_records(suite, config, tvs, accuracy, seed: int) -> list[dict]:
-  """Every merge of ``config.merges`` searched under every protocol, for one seed's τs."""
+  """Every merge of ``config.merges`` searched under every protocol, for one seed's τs.
+
+  When ``accuracy`` has a ``details(direction, lam, task, split)`` method (text suites:
+  :class:`saft_jax.experiment.text_eval.TextAccuracy`), each record is extended with the
+  test details of its merged model (e.g. ``rank_acc``, ``exact_acc``, ``label_words``).
+  """
   tasks = list(suite.tasks)
   ft_val = np.array([accuracy(tv, [1.0], t, "val")[0] for tv, t in zip(tvs, tasks)])
   ft_test = np.array([accuracy(tv, [1.0], t, "test")[0] for tv, t in zip(tvs, tasks)])
+  details = getattr(accuracy, "details", None)
   records = []
   for merge in config.merges:
-    for r in search.search(merge_candidates(merge, tvs, seed), tasks, accuracy, ft_val,
-                           ft_test, config.protocols):
-      records.append(dict(r, merge=merge, seed=seed))
+    t0 = time.time()
+    candidates = merge_candidates(merge, tvs, seed)
+    for r in search.search(candidates, tasks, accuracy, ft_val, ft_test, config.protocols):
+      record = dict(r, merge=merge, seed=seed)
+      if details is not None:
+        cand = next(c for c in candidates if c.hparams == r["hparams"])
+        record.update(details(cand.direction, r["lam"], r["task"], "test"))
+      records.append(record)
+    if hasattr(accuracy, "forget"):  # its remembered results are keyed by the directions
+      accuracy.forget()
+    logger.info("searched %s: %d candidate(s) in %.1fs", merge, len(candidates),
+                time.time() - t0)
   return records
 
 
 def make_accuracy(suite, config, counter, mesh):
   """``accuracy(direction, lams, task, split)`` for :func:`saft_jax.experiment.search.search`."""
+  if is_text_suite(suite):
+    from saft_jax.experiment.text_eval import TextAccuracy
+    return TextAccuracy(counter, config.eval_batch_size, config.text.score, mesh)
+
   def accuracy(direction, lams, task, split):
     return task_accuracy(counter, suite, direction, lams, task, split, config.eval_batch_size,
                          mesh)
@@ -179,6 +224,11 @@ def make_accuracy(suite, config, counter, mesh):
 
 
 def make_counters(suite):
+  """``{"plain": counter, "linear": counter}``: the evaluators of plain and linearized
+  (FTTS) models that :func:`make_accuracy` takes."""
+  if is_text_suite(suite):
+    from saft_jax.experiment import text_eval
+    return text_eval.make_counters(suite)
   # XLA:CPU runs a sequential map over λ faster than a vmapped chunk; accelerators prefer 8.
   chunk = None if jax.devices()[0].platform == "cpu" else 8
   return {"plain": evaluate.make_grid_counter(suite.features_fn(), chunk=chunk),
@@ -219,12 +269,21 @@ def reproduce(config, out_dir: str) -> list[dict]:
               finetunes=list(config.finetunes), safts=list(config.safts),
               merges=list(config.merges), protocols=list(config.protocols),
               steps=config.steps, batch_size=config.batch_size,
-              regime=dict(regime_lib.config_quantities(suite.params0, config),
+              regime=dict(_config_quantities(suite, config),
                           theta0_test_acc=_theta0_accuracy(suite, config, counters, mesh),
                           task_vectors=regime),
               seconds=round(time.time() - t_start, 1), devices=str(jax.devices()))
+  if is_text_suite(suite):
+    meta.update(_text_meta(suite, config, counters, mesh))
   report.write_results(out_dir, records, meta)
   return records
+
+
+def _config_quantities(suite, config) -> dict:
+  if is_text_suite(suite):
+    from saft_jax.experiment import text_suite
+    return text_suite.config_quantities(suite, config)
+  return regime_lib.config_quantities(suite.params0, config)
 
 
 def _theta0_accuracy(suite, config, counters, mesh) -> dict:
@@ -232,3 +291,11 @@ def _theta0_accuracy(suite, config, counters, mesh) -> dict:
   accuracy = make_accuracy(suite, config, counters["plain"], mesh)
   zero = jax.tree.map(jnp.zeros_like, suite.params0)
   return {t: float(accuracy(zero, [0.0], t, "test")[0]) for t in suite.tasks}
+
+
+def _text_meta(suite, config, counters, mesh) -> dict:
+  """The score, the label-word candidates and θ0's test details of a text suite."""
+  accuracy = make_accuracy(suite, config, counters["plain"], mesh)
+  zero = jax.tree.map(jnp.zeros_like, suite.params0)
+  return dict(score=config.text.score, label_word_candidates=list(suite.candidates),
+              theta0_test={t: accuracy.details(zero, 0.0, t, "test") for t in suite.tasks})

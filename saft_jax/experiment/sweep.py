@@ -47,14 +47,24 @@ _SUITE_FIELDS = ("suite", "tasks", "pretrain_steps", "clip_checkpoint", "tokeniz
 # Fields added after caches existed: left out of fingerprints while unset (None), so that
 # runs cached before them keep their keys.
 _OMIT_WHEN_UNSET = ("clip_act",)
+# OptimConfig fields added after caches existed: left out while they hold these defaults.
+_OPTIM_OMIT_WHEN_DEFAULT = {"schedule": "cosine"}
 
 
 def _without_unset(fields: dict) -> dict:
   return {k: v for k, v in fields.items() if not (k in _OMIT_WHEN_UNSET and v is None)}
 
 
+def _is_text(config) -> bool:
+  return config.suite in config_lib.TEXT_SUITES
+
+
 def _suite_fields(config) -> dict:
-  return _without_unset({k: getattr(config, k) for k in _SUITE_FIELDS})
+  """The config fields that define a suite (θ0, tasks); ``text`` only for text suites."""
+  fields = _without_unset({k: getattr(config, k) for k in _SUITE_FIELDS})
+  if _is_text(config):
+    fields["text"] = dataclasses.asdict(config.text)
+  return fields
 
 
 def _digest(obj) -> str:
@@ -66,8 +76,11 @@ def finetune_fingerprint(config, saft: str) -> dict:
   raw = _without_unset(dataclasses.asdict(config))
   for k in _NOT_TRAINING:
     raw.pop(k)
+  if not _is_text(config):  # the text settings cannot change a vision run
+    raw.pop("text")
   raw["optim"] = {k: v for k, v in raw["optim"].items()
-                  if k not in _SHARPNESS or saft in _SHARPNESS[k]}
+                  if (k not in _SHARPNESS or saft in _SHARPNESS[k])
+                  and not (k in _OPTIM_OMIT_WHEN_DEFAULT and v == _OPTIM_OMIT_WHEN_DEFAULT[k])}
   raw["saft"] = saft
   return raw
 

@@ -2,7 +2,10 @@
 
 The trainable set is exactly the q, k, v and output projection kernels of every
 attention block (or a fused `qkv` kernel plus `out`); their biases, the MLPs, the
-LayerNorms and the embeddings stay frozen. Use the mask with `optax.masked` /
+LayerNorms and the embeddings stay frozen. Two namings are recognized: CLIP's
+`.../attn/{q,k,v,out,qkv}/kernel` and T5's `.../{self_attn,cross_attn}/{q,k,v,o}/kernel`
+(every self-attention block of the encoder and decoder and every cross-attention block
+of the decoder; the relative-position bias tables stay frozen). Use the mask with `optax.masked` /
 `optax.multi_transform`, e.g.
 
     tx = optax.multi_transform({True: optax.adamw(1e-5), False: optax.set_to_zero()},
@@ -19,6 +22,9 @@ from typing import Any, Sequence
 import jax
 
 ATTENTION_PROJECTIONS = ("q", "k", "v", "out", "qkv")
+# T5 (saft_jax.models.t5): attention modules and their projections.
+T5_ATTENTION_MODULES = ("self_attn", "cross_attn")
+T5_ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 
 
 def _key_name(entry: Any) -> str:
@@ -29,15 +35,19 @@ def _key_name(entry: Any) -> str:
 
 
 def ftlo_predicate(path: Sequence[Any]) -> bool:
-  """True iff `path` names an attention projection kernel: `.../attn/{q,k,v,out,qkv}/kernel`.
+  """True iff `path` names an attention projection kernel: `.../attn/{q,k,v,out,qkv}/kernel`
+  (CLIP) or `.../{self_attn,cross_attn}/{q,k,v,o}/kernel` (T5).
 
   Args:
     path: a key path as given by `jax.tree_util.tree_map_with_path` (DictKey entries)
       or a sequence of strings.
   """
   names = [_key_name(e) for e in path]
-  return (len(names) >= 3 and names[-1] == "kernel" and names[-2] in ATTENTION_PROJECTIONS
-          and names[-3] == "attn")
+  if len(names) < 3 or names[-1] != "kernel":
+    return False
+  if names[-3] == "attn":
+    return names[-2] in ATTENTION_PROJECTIONS
+  return names[-3] in T5_ATTENTION_MODULES and names[-2] in T5_ATTENTION_PROJECTIONS
 
 
 def ftlo_mask(params: Any) -> Any:
@@ -45,9 +55,10 @@ def ftlo_mask(params: Any) -> Any:
 
   Raises:
     ValueError: if no leaf is selected (e.g. params that do not follow the
-      `blocks_{i}/attn/{q,k,v,out}/kernel` naming).
+      `blocks_{i}/attn/{q,k,v,out}/kernel` or T5 naming).
   """
   mask = jax.tree_util.tree_map_with_path(lambda path, _: ftlo_predicate(path), params)
   if not any(jax.tree_util.tree_leaves(mask)):
-    raise ValueError("ftlo_mask: no '.../attn/{q,k,v,out,qkv}/kernel' leaf found in params")
+    raise ValueError("ftlo_mask: no '.../attn/{q,k,v,out,qkv}/kernel' or "
+                     "'.../{self_attn,cross_attn}/{q,k,v,o}/kernel' leaf found in params")
   return mask

@@ -1,5 +1,6 @@
 """Training: sharded jitted steps (SGD / FTTS / FTLO × any optax or SAM-family transform),
-the protocol's AdamW + warm-up/cosine schedule, checkpoints, progress logs and ``fit``."""
+the protocol's AdamW + warm-up/decay (cosine or linear) schedule, checkpoints, progress logs
+and ``fit``."""
 from saft_jax.train.checkpoint import Checkpointer
 from saft_jax.train.distributed import maybe_initialize_distributed
 from saft_jax.train.loop import FitResult, NonFiniteLossError, fit
@@ -9,7 +10,8 @@ from saft_jax.train.mesh import (DATA_AXIS, batch_sharding, make_mesh, replicate
 from saft_jax.train.optimizer import make_base_optimizer
 from saft_jax.train.partition import combine, mask_from_predicate, partition
 from saft_jax.train.progress import MetricsWriter, Progress
-from saft_jax.train.schedule import warmup_cosine_schedule
+from saft_jax.train.schedule import (make_schedule, warmup_cosine_schedule,
+                                     warmup_linear_schedule)
 from saft_jax.train.stacked import StackedFitResult, fit_stacked
 from saft_jax.train.state import TrainState, init_train_state
 from saft_jax.train.step import (cast_floating, evaluate, make_eval_step, make_stacked_eval_step,
@@ -24,4 +26,5 @@ __all__ = [
     "make_mesh", "make_train_step", "mask_from_predicate",
     "maybe_initialize_distributed", "partition", "partitioned_loss", "replicate",
     "replicated_sharding", "shard_batch", "stacked_batch_sharding", "warmup_cosine_schedule",
+    "warmup_linear_schedule", "make_schedule",
 ]

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from saft_jax.experiment import defaults
-from saft_jax.experiment.config import (OptimConfig, ReproduceConfig, apply_overrides,
+from saft_jax.experiment.config import (OptimConfig, ReproduceConfig, TextConfig,
+                                        apply_overrides,
                                         config_keys, parse_sweep_values, parse_value,
                                         set_value)
 
@@ -21,8 +22,9 @@ def test_config_keys(cfg):
   assert {"steps", "tasks", "seeds", "optim.asam_rho", "optim.lr"} <= set(keys)
   assert "optim" not in keys
   assert len(keys) == len(set(keys))
-  assert len(keys) == (len(dataclasses.fields(ReproduceConfig)) - 1
-                       + len(dataclasses.fields(OptimConfig)))
+  assert len(keys) == (len(dataclasses.fields(ReproduceConfig)) - 2
+                       + len(dataclasses.fields(OptimConfig))
+                       + len(dataclasses.fields(TextConfig)))
 
 
 def test_nested_key_set(cfg):
@@ -199,4 +201,5 @@ def test_overrides_round_trip_asdict(cfg):
   raw = dataclasses.asdict(new)
   assert raw["optim"]["asam_rho"] == 0.02 and raw["seeds"] == (0, 1)
   raw["optim"] = OptimConfig(**raw["optim"])
+  raw["text"] = TextConfig(**raw["text"])
   assert ReproduceConfig(**raw) == new
