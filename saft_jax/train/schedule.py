@@ -23,21 +23,8 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int, 
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (``cosine_lr`` in
     the released task_vectors code, inherited from open_clip).
   """
-  if total_steps <= 0 or warmup_steps < 0 or warmup_steps >= total_steps:
-    raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
-                     f"total_steps={total_steps}")
-  if warmup_offset not in (0, 1):
-    raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset}")
-  w, total = float(warmup_steps), float(total_steps)
-
-  def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
-    warm = peak_lr * (t + warmup_offset) / max(w, 1.0)
-    frac = jnp.clip((t - w) / (total - w), 0.0, 1.0)
-    cos = peak_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-    return jnp.where(t < w, warm, cos).astype(jnp.float32)
-
-  return schedule
+  return _warmup_then(peak_lr, total_steps, warmup_steps, warmup_offset,
+                      lambda frac: 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
 
 
 def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_steps: int, *,
@@ -54,20 +41,7 @@ def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_steps: int, 
   fine-tuning schedule (Hugging Face ``get_linear_schedule_with_warmup``, which uses
   ``warmup_offset=0``); ``warmup_offset`` is as in :func:`warmup_cosine_schedule`.
   """
-  if total_steps <= 0 or warmup_steps < 0 or warmup_steps >= total_steps:
-    raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
-                     f"total_steps={total_steps}")
-  if warmup_offset not in (0, 1):
-    raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset}")
-  w, total = float(warmup_steps), float(total_steps)
-
-  def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
-    warm = peak_lr * (t + warmup_offset) / max(w, 1.0)
-    decay = peak_lr * jnp.clip((total - t) / (total - w), 0.0, 1.0)
-    return jnp.where(t < w, warm, decay).astype(jnp.float32)
-
-  return schedule
+  return _warmup_then(peak_lr, total_steps, warmup_steps, warmup_offset, lambda frac: 1.0 - frac)
 
 
 SCHEDULES = {"cosine": warmup_cosine_schedule, "linear": warmup_linear_schedule}
@@ -79,3 +53,21 @@ def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_steps: int
   if kind not in SCHEDULES:
     raise ValueError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
   return SCHEDULES[kind](peak_lr, total_steps, warmup_steps, warmup_offset=warmup_offset)
+
+
+def _warmup_then(peak_lr, total_steps, warmup_steps, warmup_offset, decay):
+  """Linear warm-up, then ``peak_lr * decay(frac)`` with ``frac`` = (t - w) / (T - w) in [0, 1]."""
+  if total_steps <= 0 or warmup_steps < 0 or warmup_steps >= total_steps:
+    raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                     f"total_steps={total_steps}")
+  if warmup_offset not in (0, 1):
+    raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset}")
+  w, total = float(warmup_steps), float(total_steps)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    warm = peak_lr * (t + warmup_offset) / max(w, 1.0)
+    frac = jnp.clip((t - w) / (total - w), 0.0, 1.0)
+    return jnp.where(t < w, warm, peak_lr * decay(frac)).astype(jnp.float32)
+
+  return schedule
