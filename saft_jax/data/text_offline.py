@@ -144,6 +144,7 @@ TASKS: dict = {
 DEFAULT_SIZES: dict = {"train": 2000, "val": 200, "test": 500}
 MAX_INPUT_CHARS = 128
 SENTINEL = "<X{}>"
+LEVELS = ("standard", "lexical")
 
 _NOUN_LIST = tuple(NOUNS)
 _ADJ_LIST = tuple(ADJECTIVES)
@@ -251,11 +252,11 @@ def _random_place(rng):
   return _pick(rng, PLACE_PREPS), _pick(rng, PLACES)
 
 
-def _random_event(rng, hypernym_p, place_p):
+def _random_event(rng, hypernym_p, place_p, passive_p=0.3):
   agent = _random_np(rng, hypernym_p)
   patient = _random_np(rng, hypernym_p, exclude=(noun_concept(agent[0]),))
   place = _random_place(rng) if rng.random() < place_p else None
-  return (agent, _pick(rng, _VERB_LIST), patient, place, bool(rng.random() < 0.3))
+  return (agent, _pick(rng, _VERB_LIST), patient, place, bool(rng.random() < passive_p))
 
 
 def _with_np(event, role, phrase):
@@ -359,6 +360,10 @@ _WEAKER = _roles(_op_drop_adj) + _roles(_op_generalize) + [_op_drop_place]
 _CHANGES = ([(_op_swap, 3.0), (_op_change_verb, 1.5), (_op_change_place, 1.0)]
             + [(f, 1.0) for f in _roles(_op_change_noun)]
             + [(f, 1.0) for f in _roles(_op_change_adj)])
+# The "lexical" level: active voice, no hypernyms, no role swaps (word-for-word alignment).
+_LEXICAL_SAME = [f for f in _SAME_MEANING if f is not _op_voice]
+_LEXICAL_WEAKER = _roles(_op_drop_adj) + [_op_drop_place]
+_LEXICAL_CHANGES = [(f, w) for f, w in _CHANGES if f is not _op_swap]
 
 
 def _apply_some(rng, event, ops, k):
@@ -373,31 +378,45 @@ def _weighted(rng, pairs):
   return pairs[int(rng.choice(len(pairs), p=w / w.sum()))][0]
 
 
-def _paraphrase_pair(rng, label):
+def _paraphrase_pair(rng, label, level="standard"):
   """(sentence1, sentence2) with ``label`` 1 = equivalent, 0 = not."""
+  lexical = level == "lexical"
   while True:
-    first = _random_event(rng, hypernym_p=0.1, place_p=0.25)
+    if lexical:
+      first = _random_event(rng, hypernym_p=0.0, place_p=0.25, passive_p=0.0)
+      changes = _LEXICAL_CHANGES + [(f, 1.0) for f in _LEXICAL_WEAKER]
+    else:
+      first = _random_event(rng, hypernym_p=0.1, place_p=0.25)
+      changes = (_CHANGES + [(f, 1.0) for f in _WEAKER]
+                 + [(f, 0.5) for f in _roles(_op_specialize)])
     second = first
     if label == 0:
-      change = _weighted(rng, _CHANGES + [(f, 1.0) for f in _WEAKER]
-                         + [(f, 0.5) for f in _roles(_op_specialize)])
+      change = _weighted(rng, changes)
       second = change(rng, second) or second
-    second = _apply_some(rng, second, _SAME_MEANING, int(rng.integers(1, 4)))
+    second = _apply_some(rng, second, _LEXICAL_SAME if lexical else _SAME_MEANING,
+                         int(rng.integers(1, 4)))
     same = event_meaning(first) == event_meaning(second)
     if same == bool(label) and event_text(first) != event_text(second):
       return event_text(first), event_text(second)
 
 
-def _entailment_pair(rng, label):
+def _entailment_pair(rng, label, level="standard"):
   """(premise, hypothesis) with ``label`` 0 = entailment, 1 = not_entailment."""
+  lexical = level == "lexical"
   while True:
-    premise = _random_event(rng, hypernym_p=0.15, place_p=0.5)
+    if lexical:
+      premise = _random_event(rng, hypernym_p=0.0, place_p=0.5, passive_p=0.0)
+      changes, weaker, same = _LEXICAL_CHANGES, _LEXICAL_WEAKER, _LEXICAL_SAME
+    else:
+      premise = _random_event(rng, hypernym_p=0.15, place_p=0.5)
+      changes = _CHANGES + [(f, 1.5) for f in _roles(_op_specialize)]
+      weaker, same = _WEAKER, _SAME_MEANING
     hyp = premise
     if label == 1:
-      change = _weighted(rng, _CHANGES + [(f, 1.5) for f in _roles(_op_specialize)])
+      change = _weighted(rng, changes)
       hyp = change(rng, hyp) or hyp
-    hyp = _apply_some(rng, hyp, _WEAKER, int(rng.integers(0, 3)))
-    hyp = _apply_some(rng, hyp, _SAME_MEANING, int(rng.integers(0, 3)))
+    hyp = _apply_some(rng, hyp, weaker, int(rng.integers(0, 3)))
+    hyp = _apply_some(rng, hyp, same, int(rng.integers(0, 3)))
     entailed = event_entails(premise, hyp)
     if entailed == (label == 0) and event_text(premise) != event_text(hyp):
       return event_text(premise), event_text(hyp)
@@ -417,13 +436,13 @@ def _clause(rng, positive: bool, negate_p: float) -> str:
   return " ".join(words + [adj])
 
 
-def _sentiment_sentence(rng, label):
+def _sentiment_sentence(rng, label, level="standard"):
   """A review sentence with polarity ``label`` (1 = positive)."""
   positive = bool(label)
   kind = rng.random()
   if kind < 0.5:
     return _clause(rng, positive, 0.4)
-  if kind < 0.8:
+  if kind < 0.8 and level != "lexical":
     return f"{_clause(rng, not positive, 0.4)}, but {_clause(rng, positive, 0.4)}"
   return f"{_clause(rng, positive, 0.4)} and {_clause(rng, positive, 0.4)}"
 
@@ -437,13 +456,13 @@ def _np_words(rng, plural, adj):
       [NOUNS[noun][0] if plural else noun]
 
 
-def _grammatical(rng):
+def _grammatical(rng, level="standard"):
   """Words of an acceptable present-tense sentence."""
   slots = 3
   adj_at = int(rng.integers(slots + 1))  # at most one adjective (slot 3: none)
   plural = bool(rng.random() < 0.5)
   words = _np_words(rng, plural, adj_at == 0)
-  if rng.random() < 0.5:  # attractor, usually of the other number
+  if rng.random() < 0.5 and level != "lexical":  # attractor, usually of the other number
     other = plural if rng.random() < 0.3 else not plural
     words += [_pick(rng, ATTRACTOR_PREPS)] + _np_words(rng, other, adj_at == 1)
   verb = _pick(rng, _VERB_LIST)
@@ -503,10 +522,10 @@ def _corrupt(rng, words):
   return words
 
 
-def _acceptability_sentence(rng, label):
+def _acceptability_sentence(rng, label, level="standard"):
   """A sentence with ``label`` 1 = acceptable, 0 = unacceptable."""
   while True:
-    words = _grammatical(rng)
+    words = _grammatical(rng, level)
     if not label:
       words = _corrupt(rng, words)
     if is_acceptable(words) == bool(label):
@@ -516,21 +535,21 @@ def _acceptability_sentence(rng, label):
 # ------------------------------------------------------------------------------ suite
 
 
-def _sentiment(rng, label):
-  return f"sentiment sentence: {_sentiment_sentence(rng, label)}"
+def _sentiment(rng, label, level):
+  return f"sentiment sentence: {_sentiment_sentence(rng, label, level)}"
 
 
-def _acceptability(rng, label):
-  return f"acceptability sentence: {_acceptability_sentence(rng, label)}"
+def _acceptability(rng, label, level):
+  return f"acceptability sentence: {_acceptability_sentence(rng, label, level)}"
 
 
-def _paraphrase(rng, label):
-  a, b = _paraphrase_pair(rng, label)
+def _paraphrase(rng, label, level):
+  a, b = _paraphrase_pair(rng, label, level)
   return f"paraphrase sentence1: {a} sentence2: {b}"
 
 
-def _entailment(rng, label):
-  p, h = _entailment_pair(rng, label)
+def _entailment(rng, label, level):
+  p, h = _entailment_pair(rng, label, level)
   return f"entailment premise: {p} hypothesis: {h}"
 
 
@@ -560,7 +579,13 @@ def _resolve_sizes(sizes) -> dict:
   return {k: int(v) for k, v in out.items()}
 
 
-def _build(name: str, seed: int, sizes: dict) -> TextTask:
+def _check_level(level: str) -> str:
+  if level not in LEVELS:
+    raise ValueError(f"unknown offline text level {level!r}; known: {', '.join(LEVELS)}")
+  return level
+
+
+def _build(name: str, seed: int, sizes: dict, level: str) -> TextTask:
   rng = _task_rng(seed, name)
   gen = _GENERATORS[name]
   seen: set = set()
@@ -571,7 +596,7 @@ def _build(name: str, seed: int, sizes: dict) -> TextTask:
     inputs = []
     for y in labels:
       for _ in range(10_000):
-        text = gen(rng, int(y))
+        text = gen(rng, int(y), level)
         if text not in seen and len(text) <= MAX_INPUT_CHARS:
           break
       else:
@@ -584,7 +609,7 @@ def _build(name: str, seed: int, sizes: dict) -> TextTask:
 
 
 def offline_text_suite(seed: int = 0, sizes: Optional[Mapping[str, int] | Sequence[int]] = None,
-                       tasks: Optional[Iterable[str]] = None) -> dict:
+                       tasks: Optional[Iterable[str]] = None, level: str = "standard") -> dict:
   """The offline text tasks as in-memory :class:`~saft_jax.data.text_tasks.TextTask` s.
 
   Args:
@@ -592,6 +617,11 @@ def offline_text_suite(seed: int = 0, sizes: Optional[Mapping[str, int] | Sequen
     sizes: ``{"train": n, "val": n, "test": n}`` or a ``(train, val, test)``
       tuple (default :data:`DEFAULT_SIZES`: 2000 / 200 / 500).
     tasks: names to build (default: all of :data:`TASKS`, in that order).
+    level: ``"standard"`` (the grammar of the module docstring) or ``"lexical"``, the
+      same tasks without the constructions that need structure beyond words:
+      sentiment without ``", but "`` (single clauses or ``" and "``), acceptability
+      without attractor phrases, paraphrase and entailment in the active voice
+      without hypernyms and without swapped roles (labels follow the same rules).
 
   Returns:
     ``{name: TextTask}``.
@@ -601,7 +631,32 @@ def offline_text_suite(seed: int = 0, sizes: Optional[Mapping[str, int] | Sequen
   if unknown:
     raise ValueError(f"unknown offline text task(s) {unknown}; known: {sorted(TASKS)}")
   sizes = _resolve_sizes(sizes)
-  return {t: _build(t, seed, sizes) for t in names}
+  level = _check_level(level)
+  return {t: _build(t, seed, sizes, level) for t in names}
+
+
+# --------------------------------------------------------------------------- vocabulary
+# Words of the grammar besides the lexicon: determiners, auxiliaries, conjunctions,
+# punctuation and the GLUE-style field names of the inputs.
+FUNCTION_WORDS = ("the", "a", "an", "was", "is", "by", "but", "and", ",", ":")
+FIELD_NAMES = ("sentence", "sentence1", "sentence2", "premise", "hypothesis")
+
+
+def vocabulary() -> tuple:
+  """Every word the grammar, the task prefixes and the label words can produce, sorted.
+
+  The closed word list of the offline suite's word-level vocabulary
+  (:class:`saft_jax.models.WordVocab`): nouns with their plurals and hypernyms,
+  adjectives, verbs in all three forms, places, prepositions, review words, function
+  words, punctuation, task names, field names and label words.
+  """
+  words = set(FUNCTION_WORDS) | set(FIELD_NAMES) | set(TASKS) | set(HYPERNYMS)
+  words |= {w for k, v in NOUNS.items() for w in (k, v[0])}
+  words |= set(ADJECTIVES) | {w for k, v in VERBS.items() for w in (k, v[0], v[1])}
+  words |= set(PLACE_PREPS) | set(PLACES) | set(ATTRACTOR_PREPS)
+  words |= set(THINGS) | set(POSITIVE) | set(NEGATIVE) | set(NEGATORS) | set(INTENSIFIERS)
+  words |= {w for labels in TASKS.values() for w in labels}
+  return tuple(sorted(words))
 
 
 # ------------------------------------------------------------------------ pre-training
@@ -635,6 +690,46 @@ def pretext_corpus(seed: int = 0, n: int = 10_000) -> list:
       out.append(" ".join(_grammatical(rng)))
     else:
       out.append(_sentiment_sentence(rng, int(rng.integers(2))))
+  return out
+
+
+def instruction_mixture(seed: int = 0, n: int = 10_000, tasks: Optional[Iterable[str]] = None,
+                        exclude: Iterable[str] = (), level: str = "standard") -> list:
+  """``n`` labelled task examples for Flan-style multi-task pre-training of θ0.
+
+  The analogue of Flan-T5's instruction tuning, whose mixture contains the GLUE tasks
+  the paper fine-tunes on: task, label and example are drawn from
+  ``np.random.default_rng([seed, 13])`` with the tasks' own generators (uniform over
+  ``tasks`` and over each task's labels), and any input in ``exclude`` (e.g. every
+  input of the suite's train/val/test splits) is redrawn, so the fine-tuning tasks'
+  examples are never seen in pre-training.
+
+  Args:
+    seed: generation seed.
+    n: number of examples.
+    tasks: task names (default: all of :data:`TASKS`).
+    exclude: inputs never to return.
+    level: the tasks' level (see :func:`offline_text_suite`).
+
+  Returns:
+    A list of ``n`` ``(input, label_word)`` pairs.
+  """
+  names = list(TASKS) if tasks is None else list(tasks)
+  unknown = [t for t in names if t not in TASKS]
+  if unknown or not names:
+    raise ValueError(f"unknown offline text task(s) {unknown or names}; known: {sorted(TASKS)}")
+  if n < 0:
+    raise ValueError(f"n must be >= 0, got {n}")
+  exclude = set(exclude)
+  level = _check_level(level)
+  rng = np.random.default_rng([int(seed), 13])
+  out = []
+  while len(out) < n:
+    name = names[int(rng.integers(len(names)))]
+    label = int(rng.integers(2))
+    text = _GENERATORS[name](rng, label, level)
+    if text not in exclude and len(text) <= MAX_INPUT_CHARS:
+      out.append((text, TASKS[name][label]))
   return out
 
 

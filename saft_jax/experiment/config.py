@@ -26,6 +26,8 @@ SCHEDULES = ("cosine", "linear")
 TEXT_SUITES = ("text", "glue")
 SUITES = ("offline", "clip") + TEXT_SUITES
 TEXT_SCORES = ("rank", "exact")
+TEXT_VOCABS = ("word", "byte")
+TEXT_LEVELS = ("standard", "lexical")  # saft_jax.data.text_offline.LEVELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +60,21 @@ class TextConfig:
 
   Attributes:
     d_model, num_layers, num_decoder_layers, num_heads, d_ff, feed_forward_proj,
-    tie_word_embeddings: text suite: the byte-level T5 (``d_kv = d_model // num_heads``;
-      the vocabulary is :class:`saft_jax.models.ByteVocab` without sentinel ids).
+    tie_word_embeddings: text suite: the T5's sizes (``d_kv = d_model // num_heads``).
+    vocab: text suite: ``"word"`` (the grammar's closed word list,
+      :class:`saft_jax.models.WordVocab` with span-corruption sentinels; one id per word,
+      as T5's SentencePiece vocabulary gives common words) or ``"byte"``
+      (:class:`saft_jax.models.ByteVocab`, ByT5's bytes, sentinels spelled out).
     max_input_len: input tokens (longer inputs are truncated, EOS kept).
     max_target_len: target tokens of training targets and label-word candidates.
     pretrain_steps, pretrain_batch_size, pretrain_lr: text suite: the pretext
       pre-training of θ0 (:func:`saft_jax.experiment.text_pretrain.pretrain_text_t5`).
+    pretrain_task_share: text suite: share of each pre-training batch that is labelled
+      examples of the four tasks drawn apart from their splits (Flan-style multi-task
+      pre-training; 0: span corruption only).
     sizes: text suite: (train, val, test) examples per task.
+    level: text suite: ``"standard"`` or ``"lexical"`` tasks
+      (:func:`saft_jax.data.text_offline.offline_text_suite`).
     t5_checkpoint: glue suite: a Hugging Face T5 directory (e.g. Flan-T5-base).
     tokenizer_dir: glue suite: the tokenizer files (``None``: the checkpoint directory).
     data_dir: glue suite: tensorflow-datasets data directory holding ``glue/*``.
@@ -81,12 +91,15 @@ class TextConfig:
   d_ff: int = 256
   feed_forward_proj: str = "gated-gelu"
   tie_word_embeddings: bool = False
-  max_input_len: int = 128
-  max_target_len: int = 16
-  pretrain_steps: int = 400
+  vocab: str = "word"
+  max_input_len: int = 32
+  max_target_len: int = 8
+  pretrain_steps: int = 1000
   pretrain_batch_size: int = 64
   pretrain_lr: float = 1e-3
+  pretrain_task_share: float = 0.5
   sizes: tuple = (2000, 100, 200)
+  level: str = "lexical"
   t5_checkpoint: Optional[str] = None
   tokenizer_dir: Optional[str] = None
   data_dir: Optional[str] = None
@@ -96,6 +109,10 @@ class TextConfig:
   def __post_init__(self):
     if self.score not in TEXT_SCORES:
       raise ValueError(f"text.score must be one of {TEXT_SCORES}, got {self.score!r}")
+    if self.level not in TEXT_LEVELS:
+      raise ValueError(f"text.level must be one of {TEXT_LEVELS}, got {self.level!r}")
+    if self.vocab not in TEXT_VOCABS:
+      raise ValueError(f"text.vocab must be one of {TEXT_VOCABS}, got {self.vocab!r}")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"text.compute_dtype must be float32 or bfloat16, got "
                        f"{self.compute_dtype!r}")
@@ -103,6 +120,9 @@ class TextConfig:
         or not all(isinstance(n, int) and n > 0 for n in self.sizes)):
       raise ValueError(f"text.sizes must be three positive ints (train, val, test), got "
                        f"{self.sizes!r}")
+    if not 0.0 <= self.pretrain_task_share <= 1.0:
+      raise ValueError(f"text.pretrain_task_share must be in [0, 1], got "
+                       f"{self.pretrain_task_share!r}")
     if self.max_input_len < 2 or self.max_target_len < 2:
       raise ValueError("text.max_input_len and text.max_target_len must be >= 2")
 

@@ -1,8 +1,9 @@
 """The text suites of the main job: a T5 θ0, text-to-text tasks and their tokenized splits.
 
 * ``text`` — the four grammar tasks of :mod:`saft_jax.data.text_offline`
-  (sentiment, acceptability, paraphrase, entailment; no downloads) and a small
-  byte-level T5 (:class:`saft_jax.models.ByteVocab` without sentinel ids) whose θ0 is
+  (sentiment, acceptability, paraphrase, entailment; no downloads) and a small T5 on
+  the grammar's word-level vocabulary (:func:`offline_vocab`; ``text.vocab="byte"``:
+  ByT5's bytes) whose θ0 is
   pre-trained on the grammar's pretext
   (:func:`saft_jax.experiment.text_pretrain.pretrain_text_t5`). θ0 is cached in the run
   directory (``theta0.msgpack``, keyed in ``suite.json`` by the model and pre-training
@@ -47,14 +48,16 @@ GLUE_TASKS = ("cola", "mrpc", "rte", "sst2")
 FLAN_T5_BASE_PARAMS = 247_577_856
 T5_CHECKPOINT_ENV = "T5_CHECKPOINT"
 # Fields of TextConfig that define the offline θ0 (besides every ``pretrain_*`` field).
-_THETA0_FIELDS = ("d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff",
-                  "feed_forward_proj", "tie_word_embeddings", "max_input_len", "max_target_len")
+_THETA0_FIELDS = ("vocab", "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff",
+                  "feed_forward_proj", "tie_word_embeddings", "max_input_len", "max_target_len",
+                  "sizes", "level")  # pre-training excludes every split's inputs
 
 
 def target_ids(tokenizer, texts, max_len: int) -> np.ndarray:
   """``[N, max_len]`` int32 target ids of ``texts`` with EOS, padding as -100 (ignored).
 
-  Works with a :class:`saft_jax.models.ByteVocab` and with transformers tokenizers.
+  Works with :class:`saft_jax.models.WordVocab`, :class:`saft_jax.models.ByteVocab` and
+  transformers tokenizers.
   """
   ids, mask = models.encode_texts(tokenizer, list(texts), max_len)
   return np.where(mask > 0, ids, -100).astype(np.int32)
@@ -69,7 +72,7 @@ class TextSuite:
     tasks: ``{name: saft_jax.data.TextTask}``.
     params0: θ0, the T5 parameters.
     t5: the :class:`saft_jax.models.T5Config`.
-    tokenizer: a ``ByteVocab`` or a transformers tokenizer.
+    tokenizer: a ``WordVocab``, a ``ByteVocab`` or a transformers tokenizer.
     max_input_len, max_target_len: token lengths of inputs and targets.
     score: "exact" or "rank" (see :class:`saft_jax.experiment.config.TextConfig`).
     compute_dtype: activation dtype of the T5.
@@ -145,8 +148,24 @@ def _task_names(config, known: tuple) -> list:
   return names
 
 
-def offline_t5_config(text, vocab: models.ByteVocab) -> t5_lib.T5Config:
-  """The byte-level T5 of the ``text`` suite from ``config.text``'s model sizes."""
+# Span-corruption sentinels of the word vocabulary. Pretext sentences have at most 13
+# words, so at most 2 are masked in one span, which the roll may cut in two: targets use
+# at most 3 sentinels (a test checks this on the corpus).
+WORD_SENTINELS = 8
+
+
+def offline_vocab(text):
+  """The ``text`` suite's tokenizer for ``text.vocab``: the grammar's words with
+  :data:`WORD_SENTINELS` sentinels, or ByT5's bytes (sentinels spelled as bytes)."""
+  if text.vocab == "word":
+    return models.WordVocab(text_offline.vocabulary(), extra_ids=WORD_SENTINELS)
+  if text.vocab == "byte":
+    return models.ByteVocab(extra_ids=0)
+  raise ValueError(f"unknown text.vocab {text.vocab!r}; known: word, byte")
+
+
+def offline_t5_config(text, vocab) -> t5_lib.T5Config:
+  """The T5 of the ``text`` suite from ``config.text``'s model sizes and ``vocab``."""
   if text.d_model % text.num_heads:
     raise ValueError(f"text.d_model {text.d_model} is not divisible by text.num_heads "
                      f"{text.num_heads}")
@@ -176,7 +195,11 @@ def _offline_theta0(config, cfg, vocab, cache_dir: str):
     return jax.tree.map(jnp.asarray, load_tree(theta_path))
   if config.text.pretrain_steps > 0:
     logger.info("text suite: pre-training θ0 (%d steps)", config.text.pretrain_steps)
-    params0 = pretrain_text_t5(cfg, vocab, config.text, seed=0)
+    every_task = text_offline.offline_text_suite(seed=0, sizes=config.text.sizes,
+                                                 level=config.text.level)
+    exclude = {x for task in every_task.values() for split in text_tasks.SPLITS
+               for x in task.inputs(split)}
+    params0 = pretrain_text_t5(cfg, vocab, config.text, seed=0, exclude=exclude)
   else:  # no pre-training: a random T5
     params0 = jax.jit(t5_lib.init_t5_params, static_argnums=0)(cfg, jax.random.key(0))
   os.makedirs(cache_dir, exist_ok=True)
@@ -190,8 +213,8 @@ def build_offline_text_suite(config, cache_dir: str) -> TextSuite:
   """The ``text`` suite of ``config`` (see the module docstring)."""
   text = config.text
   tasks = text_offline.offline_text_suite(seed=0, sizes=text.sizes,
-                                          tasks=_task_names(config, TEXT_TASKS))
-  vocab = models.ByteVocab(extra_ids=0)
+                                          tasks=_task_names(config, TEXT_TASKS), level=text.level)
+  vocab = offline_vocab(text)
   cfg = offline_t5_config(text, vocab)
   params0 = _offline_theta0(config, cfg, vocab, cache_dir)
   return TextSuite("text", tasks, params0, cfg, vocab, text.max_input_len, text.max_target_len,

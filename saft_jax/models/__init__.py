@@ -20,4 +20,5 @@ from saft_jax.models.t5 import (T5Config, greedy_decode, init_t5_params, rank_cl
                                 t5_logits)
 from saft_jax.models.t5 import decode as t5_decode, encode as t5_encode
 from saft_jax.models.t5_load import T5, load_t5, save_t5
-from saft_jax.models.text_vocab import ByteVocab, decode_texts, encode_texts, load_text_tokenizer
+from saft_jax.models.text_vocab import (ByteVocab, WordVocab, decode_texts, encode_texts,
+                                       load_text_tokenizer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import tempfile
 from typing import List, Sequence, Tuple, Union
 
@@ -76,19 +77,8 @@ class ByteVocab:
     """`(ids, mask)`, both `[N, max_len]` int32: the bytes of each text, then EOS, then
     padding; a longer text keeps its first `max_len - 1` bytes and EOS (its first
     `max_len` bytes when `add_eos=False`)."""
-    max_len = _check_max_len(max_len)
-    texts = _as_list(texts)
-    ids = np.full((len(texts), max_len), PAD_ID, np.int32)
-    mask = np.zeros((len(texts), max_len), np.int32)
-    for i, text in enumerate(texts):
-      row = self.encode_one(text, add_eos=False)
-      if add_eos:
-        row = row[:max_len - 1] + [EOS_ID]
-      else:
-        row = row[:max_len]
-      ids[i, :len(row)] = row
-      mask[i, :len(row)] = 1
-    return ids, mask
+    return _pack([self.encode_one(t, add_eos=False) for t in _as_list(texts)],
+                 _check_max_len(max_len), add_eos)
 
   def decode_one(self, ids: Sequence[int]) -> str:
     """Text of one id sequence: bytes up to the first EOS; pad, unknown and sentinel ids
@@ -109,6 +99,104 @@ class ByteVocab:
     if arr.ndim == 2:
       return [self.decode_one(row) for row in arr]
     raise ValueError(f"ByteVocab.decode: ids must be 1-D or 2-D, got shape {arr.shape}")
+
+
+# ----------------------------------------------------------------------------- words
+WORD_PATTERN = re.compile(r"<X\d+>|[A-Za-z0-9_]+|[^\sA-Za-z0-9_]")
+_NO_SPACE_BEFORE = (",", ".", ":", ";", "!", "?")
+
+
+@dataclasses.dataclass(frozen=True)
+class WordVocab:
+  """A closed word-level vocabulary: 0 pad, 1 EOS, 2 unknown, then `words` in order,
+  then `extra_ids` sentinels `<X0>`, `<X1>`, ... (T5's sentinel ids sit at the end of
+  the vocabulary the same way).
+
+  Text is split into words (letters, digits and `_`), single punctuation characters and
+  sentinel strings `<Xi>` (:data:`WORD_PATTERN`); a word not in `words` is the unknown
+  id. Made for closed languages such as the offline text suite's grammar
+  (:func:`saft_jax.data.text_offline.vocabulary`), where it plays the role of T5's
+  SentencePiece vocabulary (one id per word, not per byte).
+
+  Attributes:
+    words: the vocabulary's words, distinct, none of them a sentinel string.
+    extra_ids: number of sentinel ids after the words.
+  """
+  words: Tuple[str, ...]
+  extra_ids: int = 0
+
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+  unk_id = UNK_ID
+
+  def __post_init__(self):
+    words = tuple(self.words)
+    object.__setattr__(self, "words", words)
+    if isinstance(self.extra_ids, bool) or not isinstance(self.extra_ids, (int, np.integer)) \
+        or self.extra_ids < 0:
+      raise ValueError(f"WordVocab: extra_ids must be a non-negative int, got {self.extra_ids!r}")
+    if len(set(words)) != len(words):
+      dup = sorted({w for w in words if words.count(w) > 1})
+      raise ValueError(f"WordVocab: repeated words {dup}")
+    bad = [w for w in words if not isinstance(w, str) or WORD_PATTERN.fullmatch(w) is None
+           or w.startswith("<X")]
+    if bad:
+      raise ValueError(f"WordVocab: {bad[:5]} are not single words (or are sentinels)")
+    table = {w: i + BYTE_OFFSET for i, w in enumerate(words)}
+    start = BYTE_OFFSET + len(words)
+    table.update({f"<X{i}>": start + i for i in range(self.extra_ids)})
+    object.__setattr__(self, "_ids", table)
+    object.__setattr__(self, "_tokens", {i: w for w, i in table.items()})
+
+  @property
+  def vocab_size(self) -> int:
+    return BYTE_OFFSET + len(self.words) + self.extra_ids
+
+  def encode_one(self, text: str, add_eos: bool = True) -> List[int]:
+    """Ids of one text's words (unknown words: `unk_id`), EOS appended."""
+    ids = [self._ids.get(w, UNK_ID) for w in WORD_PATTERN.findall(text)]
+    return ids + [EOS_ID] if add_eos else ids
+
+  def encode(self, texts: Union[str, Sequence[str]], max_len: int, *,
+             add_eos: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """`(ids, mask)` `[N, max_len]` int32, truncated and padded as `ByteVocab.encode`."""
+    return _pack([self.encode_one(t, add_eos=False) for t in _as_list(texts)],
+                 _check_max_len(max_len), add_eos)
+
+  def decode_one(self, ids: Sequence[int]) -> str:
+    """Text of one id sequence up to the first EOS (pad and unknown ids dropped)."""
+    out = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i == EOS_ID:
+        break
+      word = self._tokens.get(i)
+      if word is None:
+        continue
+      if out and word in _NO_SPACE_BEFORE:
+        out[-1] += word
+      else:
+        out.append(word)
+    return " ".join(out)
+
+  def decode(self, ids) -> Union[str, List[str]]:
+    """`decode_one` of a 1-D sequence, or the list of texts of a 2-D batch."""
+    arr = np.asarray(ids)
+    if arr.ndim == 1:
+      return self.decode_one(arr)
+    if arr.ndim == 2:
+      return [self.decode_one(row) for row in arr]
+    raise ValueError(f"WordVocab.decode: ids must be 1-D or 2-D, got shape {arr.shape}")
+
+
+def _pack(rows: List[List[int]], max_len: int, add_eos: bool) -> Tuple[np.ndarray, np.ndarray]:
+  """`(ids, mask)` of id rows: EOS appended (kept on truncation), right padding."""
+  ids = np.full((len(rows), max_len), PAD_ID, np.int32)
+  mask = np.zeros((len(rows), max_len), np.int32)
+  for i, row in enumerate(rows):
+    row = row[:max_len - 1] + [EOS_ID] if add_eos else row[:max_len]
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  return ids, mask
 
 
 # ----------------------------------------------------------------------------- SentencePiece
@@ -159,11 +247,12 @@ def _need_sentencepiece(path: str) -> None:
 # ----------------------------------------------------------------------------- both kinds
 def encode_texts(tokenizer, texts: Union[str, Sequence[str]],
                  max_len: int) -> Tuple[np.ndarray, np.ndarray]:
-  """`(ids, mask)` `[N, max_len]` int32 from a `ByteVocab` or a transformers tokenizer
+  """`(ids, mask)` `[N, max_len]` int32 from a `ByteVocab`, a `WordVocab` or a
+  transformers tokenizer
   (T5's: EOS appended, right padding, truncation keeping EOS)."""
   max_len = _check_max_len(max_len)
   texts = _as_list(texts)
-  if isinstance(tokenizer, ByteVocab):
+  if isinstance(tokenizer, (ByteVocab, WordVocab)):
     return tokenizer.encode(texts, max_len)
   out = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len,
                   return_tensors="np")
@@ -176,7 +265,7 @@ def decode_texts(tokenizer, ids) -> List[str]:
   arr = np.asarray(ids)
   if arr.ndim != 2:
     raise ValueError(f"decode_texts: ids must be [N, T], got shape {arr.shape}")
-  if isinstance(tokenizer, ByteVocab):
+  if isinstance(tokenizer, (ByteVocab, WordVocab)):
     return tokenizer.decode(arr)
   eos = tokenizer.eos_token_id
   rows = []

@@ -303,3 +303,57 @@ def test_span_corruption():
     data.span_corruption("word", np.random.default_rng(0))
   with pytest.raises(ValueError, match="noise_density"):
     data.span_corruption(text, np.random.default_rng(0), noise_density=1.0)
+
+
+def test_vocabulary_covers_every_task_and_the_pretext():
+  from saft_jax import models
+  vocab = models.WordVocab(to.vocabulary(), extra_ids=8)
+  texts = list(to.pretext_corpus(0, 2000))
+  for level in to.LEVELS:
+    for task in data.offline_text_suite(seed=3, sizes=(300, 50, 50), level=level).values():
+      texts += [x for s in ("train", "val", "test") for x in task.inputs(s)]
+      texts += list(task.label_words)
+  rng = np.random.default_rng(0)
+  texts += [t for x in texts[:2000] for t in to.span_corruption(x, rng)]
+  assert all(vocab.unk_id not in vocab.encode_one(x) for x in texts)
+  assert len(to.vocabulary()) == len(set(to.vocabulary())) == 165
+
+
+@pytest.mark.parametrize("name", list(ORACLES))
+def test_lexical_level_follows_the_same_rules(name):
+  lexical = data.offline_text_suite(seed=0, sizes=(400, 50, 50), tasks=[name], level="lexical")
+  task = lexical[name]
+  for split in ("train", "val", "test"):
+    assert [ORACLES[name](x) for x in task.inputs(split)] == task.targets(split), split
+    assert np.bincount(task.labels(split)).tolist() == [25, 25] if split != "train" else True
+  xs = task.inputs("train")
+  if name == "sentiment":
+    assert not any(", but " in x for x in xs) and any(" and " in x for x in xs)
+  elif name == "acceptability":
+    good = [x for x, y in zip(xs, task.labels("train")) if y == 1]
+    assert not any(set(x.split()) & set(to.ATTRACTOR_PREPS) for x in good)
+  else:
+    assert not any(" was " in x or " animal" in x or " person" in x for x in xs)
+  standard = data.offline_text_suite(seed=0, sizes=(400, 50, 50), tasks=[name])[name]
+  assert standard.inputs("train") != xs
+  with pytest.raises(ValueError, match="unknown offline text level"):
+    data.offline_text_suite(seed=0, sizes=(4, 2, 2), tasks=[name], level="easy")
+
+
+def test_instruction_mixture_excludes_the_splits():
+  suite = data.offline_text_suite(seed=0, sizes=(200, 20, 20))
+  splits = {x for t in suite.values() for s in ("train", "val", "test") for x in t.inputs(s)}
+  free = to.instruction_mixture(0, 3000)
+  assert splits & {x for x, _ in free}  # the small grammar repeats sentences ...
+  mixed = to.instruction_mixture(0, 3000, exclude=splits)
+  assert not splits & {x for x, _ in mixed}  # ... which exclusion removes
+  assert mixed == to.instruction_mixture(0, 3000, exclude=splits)
+  for x, word in mixed:
+    name = x.split()[0]
+    assert word in to.TASKS[name] and ORACLES[name](x) == word
+  counts = {n: sum(x.startswith(n) for x, _ in mixed) for n in to.TASKS}
+  assert min(counts.values()) > 600
+  lexical = to.instruction_mixture(0, 200, tasks=["paraphrase"], level="lexical")
+  assert all(x.startswith("paraphrase") and " was " not in x for x, _ in lexical)
+  with pytest.raises(ValueError, match="unknown offline text task"):
+    to.instruction_mixture(0, 3, tasks=["sst2"])

@@ -87,10 +87,14 @@ def test_ft_accuracy_matches_rank_classify(run_dir):
 def test_theta0_cache_key_follows_model_and_pretrain_fields(run_dir):
   key = json.load(open(os.path.join(run_dir, "suite.json")))
   assert key["pretrain_steps"] == 0 and key["d_model"] == 16 and key["suite"] == "text"
-  assert "score" not in key and "sizes" not in key  # not part of θ0
+  assert "score" not in key and key["sizes"] == [24, 16, 16]  # pre-training avoids the splits
   changed = config_lib.apply_overrides(_config(), ["text.pretrain_steps=3"])
   assert text_suite.theta0_key(changed) != text_suite.theta0_key(_config())
-  scored = config_lib.apply_overrides(_config(), ["text.score=exact", "text.sizes=30,8,8"])
+  for change in ("text.vocab=byte", "text.level=standard", "text.sizes=30,16,16",
+                 "text.pretrain_task_share=0.25"):
+    other = config_lib.apply_overrides(_config(), [change])
+    assert text_suite.theta0_key(other) != text_suite.theta0_key(_config()), change
+  scored = config_lib.apply_overrides(_config(), ["text.score=exact", "text.compute_dtype=bfloat16"])
   assert text_suite.theta0_key(scored) == text_suite.theta0_key(_config())
 
 
@@ -118,7 +122,7 @@ def test_ftlo_and_ftts_train(run_dir, tmp_path):
   sgd = _train_losses(os.path.join(run_dir, "ft", "sgd-none", "seed0", "sentiment"))
   # first step: the linearized model at dθ = 0 is θ0 (same batch as the SGD run)
   assert losses[0] == pytest.approx(sgd[0], rel=1e-5)
-  assert losses[-1] < 0.8 * losses[0]  # dθ is trained
+  assert losses[-1] < 0.9 * losses[0]  # dθ is trained
   # the evaluator's linearized model at λ = 1 along τ = dθ is the one fit() validated
   stats = text_eval.evaluator(suite, True).stats(tv, [1.0], "sentiment", "val", 16)
   assert float(stats["rank"][0]) == pytest.approx(best["rank_acc"])
@@ -268,14 +272,15 @@ def test_text_overrides_and_defaults():
     config_lib.apply_overrides(cfg, ["text.pretrain_step=7"])
   base = defaults.text_config()
   assert (base.suite, base.steps, base.batch_size, base.optim.lr, base.optim.warmup_steps,
-          base.optim.schedule) == ("text", 150, 32, 1e-3, 10, "linear")
+          base.optim.schedule) == ("text", 300, 32, 1e-3, 10, "linear")
   t = base.text
   assert (t.d_model, t.num_layers, t.num_decoder_layers, t.num_heads, t.d_ff,
           t.feed_forward_proj, t.tie_word_embeddings) == (64, 2, 1, 4, 256, "gated-gelu", False)
   assert (t.pretrain_steps, t.pretrain_batch_size, t.pretrain_lr, t.sizes) == (
-      400, 64, 1e-3, (2000, 100, 200))
+      1000, 64, 1e-3, (2000, 100, 200))
+  assert (t.vocab, t.level, t.pretrain_task_share, t.max_input_len) == ("word", "lexical", 0.5, 32)
   # ASAM's radius: dimension-matched to Flan-T5-base (0.5·√(d/247,577,856), rounded)
-  cfg5 = text_suite.offline_t5_config(t, models.ByteVocab(extra_ids=0))
+  cfg5 = text_suite.offline_t5_config(t, text_suite.offline_vocab(t))
   shapes = jax.eval_shape(lambda k: models.init_t5_params(cfg5, k), jax.random.key(0))
   d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert base.optim.asam_rho == pytest.approx(0.5 * np.sqrt(d / 247_577_856), abs=5e-4)
@@ -331,11 +336,12 @@ def test_ftlo_mask_selects_t5_attention_kernels():
                    "blocks_0/attn/o/kernel": False, "blocks_0/self_attn/out/kernel": False}
 
 
-def test_pretext_pretraining_changes_every_leaf_and_lowers_the_loss():
+@pytest.mark.parametrize("vocab_name", ["word", "byte"])
+def test_pretext_pretraining_changes_every_leaf_and_lowers_the_loss(vocab_name):
   from saft_jax.experiment.text_pretrain import pretrain_text_t5
   text = config_lib.TextConfig(**dict(TINY_TEXT, pretrain_steps=30, pretrain_batch_size=16,
-                                      pretrain_lr=1e-2))
-  vocab = models.ByteVocab(extra_ids=0)
+                                      pretrain_lr=1e-2, vocab=vocab_name))
+  vocab = text_suite.offline_vocab(text)
   cfg = text_suite.offline_t5_config(text, vocab)
   p0 = t5_lib.init_t5_params(cfg, jax.random.key(0))
   p1 = pretrain_text_t5(cfg, vocab, text, seed=0)

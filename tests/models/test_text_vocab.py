@@ -133,3 +133,29 @@ def test_load_sentencepiece_model(tmp_path):
   (d / "spiece.model").write_bytes(open(prefix + ".model", "rb").read())
   assert M.load_text_tokenizer(str(d))("hello world")["input_ids"] == \
       sp.encode("hello world") + [1]
+
+
+def test_word_vocab_layout_and_round_trip():
+  v = TV.WordVocab(("the", "dog", "ran", ",", ":"), extra_ids=2)
+  assert v.vocab_size == 3 + 5 + 2 and (v.pad_id, v.eos_id, v.unk_id) == (0, 1, 2)
+  ids, mask = v.encode(["the dog ran", "the cat, <X1> ran:"], 8)
+  assert ids.dtype == np.int32 and mask.dtype == np.int32
+  # words, then EOS, then padding; "cat" is unknown; <X1> is the second sentinel id
+  assert ids.tolist() == [[3, 4, 5, 1, 0, 0, 0, 0], [3, 2, 6, 9, 5, 7, 1, 0]]
+  assert mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]]
+  assert v.encode("the dog ran the dog", 3)[0].tolist() == [[3, 4, 1]]  # EOS kept
+  assert v.encode("the dog", 2, add_eos=False)[0].tolist() == [[3, 4]]
+  assert v.encode_one("<X5>") == [2, 1]  # a sentinel beyond extra_ids is unknown
+  assert M.encode_texts(v, ["the dog"], 4)[0].tolist() == [[3, 4, 1, 0]]
+  # decoding: words joined by spaces, no space before punctuation, unknown dropped
+  assert v.decode(v.encode("the dog , ran:", 8)[0][0]) == "the dog, ran:"
+  assert M.decode_texts(v, v.encode(["<X0> dog <X1>", "the"], 6)[0]) == ["<X0> dog <X1>", "the"]
+  assert v.decode([3, 1, 4]) == "the"
+  for bad, match in ((("a", "a"), "repeated"), (("two words",), "single words"),
+                     (("<X0>",), "sentinels")):
+    with pytest.raises(ValueError, match=match):
+      TV.WordVocab(bad)
+  with pytest.raises(ValueError, match="extra_ids"):
+    TV.WordVocab(("a",), extra_ids=-1)
+  with pytest.raises(ValueError, match="1-D or 2-D"):
+    v.decode(np.zeros((1, 1, 1), np.int32))
