@@ -1,8 +1,10 @@
-"""The ``saft`` command: ``reproduce`` (the main job), ``sweep``, ``analyze``, ``noise-sweep``."""
+"""The ``saft`` command: ``reproduce`` (the main job), ``sweep``, ``finetune``, ``merge``,
+``eval``, ``analyze``, ``noise-sweep``."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -113,8 +115,144 @@ def _noise_sweep(args) -> int:
   return 0
 
 
+def _finetune(args) -> int:
+  from saft_jax import train
+  from saft_jax.workflow import finetune_cmd
+
+  train.maybe_initialize_distributed()
+  spec = finetune_cmd.build_spec(model=args.model, task=args.task, finetune=args.finetune,
+                                 saft=args.saft, seed=args.seed, steps=args.steps,
+                                 config_file=args.config, overrides=args.set or [],
+                                 out=args.out, cache=args.cache, overwrite=args.overwrite)
+  result = finetune_cmd.run_finetune(spec)
+  print(json.dumps(result, indent=1))
+  return 0
+
+
+def _merge(args) -> int:
+  from saft_jax.workflow import merge_cmd
+
+  params = dict(merge_cmd.parse_assignments(args.set),
+                **merge_cmd.parse_parameter_options(args.extra))
+  weights = merge_cmd.parse_weights(args.weights)
+  spec = merge_cmd.build_spec(args.config, params, method=args.method, base=args.base,
+                              models=args.models, out=args.out, format=args.format,
+                              weights=weights, act=args.act,
+                              overwrite=args.overwrite or None,
+                              streaming=False if args.no_stream else None)
+  summary = merge_cmd.run_merge(spec)
+  print(f"merged ({summary['mode']}, {summary['seconds']:.1f}s): {spec.out}")
+  print(f"summary: {merge_cmd.summary_path(spec.out)}")
+  return 0
+
+
+def _eval(args) -> int:
+  from saft_jax.workflow import eval_cmd
+
+  spec = eval_cmd.build_spec(model=args.model, base=args.base, linearized=args.linearized,
+                             tasks=args.tasks, out=args.out, config_file=args.config,
+                             overrides=args.set or [], cache=args.cache,
+                             overwrite=args.overwrite)
+  result = eval_cmd.run_eval(spec)
+  print(eval_cmd.markdown(result))
+  print(f"results: {args.out}")
+  return 0
+
+
+_EXAMPLES = """commands, one example each:
+  saft reproduce --set optim.asam_rho=0.05 --out runs/rho005
+  saft sweep --set optim.asam_rho=0.01,0.02,0.05 --seeds 3 --out runs/rho_sweep
+  saft finetune --task digits --saft asam --out runs/ft_digits
+  saft merge --base B --models M1 M2 M3 --method task_arithmetic --lam 0.3 --out runs/merged
+  saft eval --model runs/ft_digits/model.safetensors --tasks digits --out runs/eval.json
+  saft analyze runs/offline
+  saft noise-sweep --tasks rot90,flip --out runs/noise_sweep
+"""
+
+
+def _add_finetune(sub) -> None:
+  from saft_jax.experiment.config import FINETUNES
+  ft = sub.add_parser(
+      "finetune", help="fine-tune one model on one task (SAFT or plain AdamW)",
+      description="example: saft finetune --model checkpoints/ViT-B-32 --task eurosat "
+      "--saft asam --out runs/ft_eurosat  (no --model: the offline suite's θ0, as reproduce "
+      "builds it)")
+  ft.add_argument("--model", help="a CLIP checkpoint (Hugging Face directory, open_clip "
+                  "directory or state dict); omit it for the offline suite's tasks")
+  ft.add_argument("--task", "--tasks", dest="task", required=True, help="the task to train on")
+  ft.add_argument("--finetune", default="sgd", choices=FINETUNES,
+                  help="sgd (all parameters), ftts (linearized), ftlo (attention only)")
+  ft.add_argument("--saft", default="asam", help="none (plain AdamW), sam, asam or another "
+                  "SAM-family transform (default: asam)")
+  ft.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+  ft.add_argument("--steps", type=int, help="fine-tuning steps")
+  ft.add_argument("--config", help="a Python config file defining get_config()")
+  ft.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="override a config field (optim.lr=1e-5, batch_size=64, data_dir=..., "
+                  "clip_act=gelu); repeatable")
+  ft.add_argument("--out", required=True, help="output directory (a killed run resumes there)")
+  ft.add_argument("--cache", help="offline suite: directory of θ0 and the heads (default: "
+                  "--out; a reproduce run directory works)")
+  ft.add_argument("--overwrite", action="store_true", help="replace another run in --out")
+  ft.set_defaults(func=_finetune)
+
+
+def _add_merge(sub) -> None:
+  from saft_jax.workflow import checkpoints, merge_methods
+  mer = sub.add_parser(
+      "merge", help="merge checkpoints on disk with any merge method", allow_abbrev=False,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="example: saft merge --base B --models M1 M2 M3 --method ties --k 0.2 "
+      "--out merged  (or: saft merge --config merge.yaml)",
+      epilog="methods [parameters, defaults; give them as --NAME VALUE or --set NAME=VALUE]:\n"
+      + merge_methods.describe())
+  mer.add_argument("--config", help="a YAML merge config (method, base, models with optional "
+                   "weight, parameters, out, format)")
+  mer.add_argument("--base", help="the pre-trained model θ0")
+  mer.add_argument("--models", nargs="+", help="the fine-tuned models")
+  mer.add_argument("--method", help="a merge method (see below)")
+  mer.add_argument("--weights", help="comma list, one weight per model")
+  mer.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="a method parameter; repeatable")
+  mer.add_argument("--out", help="output path")
+  mer.add_argument("--format", choices=checkpoints.FORMATS,
+                   help="output format (default: the inputs')")
+  mer.add_argument("--act", choices=("gelu", "quick_gelu"),
+                   help="activation of a bare open_clip state dict (to convert it)")
+  mer.add_argument("--no-stream", action="store_true", help="merge in memory")
+  mer.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  mer.set_defaults(func=_merge, takes_extra=True)
+
+
+def _add_eval(sub) -> None:
+  ev = sub.add_parser(
+      "eval", help="test accuracy of a model on tasks (JSON + markdown)",
+      description="example: saft eval --model runs/merged --tasks eurosat,svhn --out "
+      "runs/merged.json")
+  ev.add_argument("--model", required=True, help="the model to evaluate")
+  ev.add_argument("--base", help="θ0: the linearization point with --linearized; for CLIP, "
+                  "the zero-shot heads come from its text tower")
+  ev.add_argument("--linearized", action="store_true",
+                  help="evaluate f(x; θ0) + J·(θ − θ0) (models fine-tuned with ftts)")
+  ev.add_argument("--tasks", required=True, help="comma list of task names")
+  ev.add_argument("--out", required=True, help="results JSON (the markdown goes beside it)")
+  ev.add_argument("--config", help="a Python config file defining get_config()")
+  ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="override a config field (eval_batch_size=64, data_dir=...); repeatable")
+  ev.add_argument("--cache", help="offline suite: directory of θ0 and the heads (default: the "
+                  "model's directory when it holds them)")
+  ev.add_argument("--overwrite", action="store_true", help="replace existing results")
+  ev.set_defaults(func=_eval)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="saft", description=__doc__)
+  # Logging first: building the merge options imports JAX, whose import installs a root
+  # log handler that would make logging.basicConfig a no-op.
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("-v", "--verbose", action="store_true")
+  _setup_logging(pre.parse_known_args(argv)[0].verbose)
+  parser = argparse.ArgumentParser(prog="saft", description=__doc__, epilog=_EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("-v", "--verbose", action="store_true", help="library log lines too")
   sub = parser.add_subparsers(dest="command", required=True)
   rep = sub.add_parser("reproduce", help="fine-tune × merge × search × report on a suite",
@@ -149,11 +287,18 @@ def main(argv=None) -> int:
   sw.add_argument("--knobs", help="comma list out of lr,weight_decay,batch_size,augment")
   sw.add_argument("--steps", type=int, help="fine-tuning steps per task")
   sw.set_defaults(func=_noise_sweep)
-  args = parser.parse_args(argv)
-  _setup_logging(args.verbose)
+  _add_finetune(sub)
+  _add_merge(sub)
+  _add_eval(sub)
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, "takes_extra", False):
+    print(f"saft {args.command}: error: unrecognized arguments: {' '.join(extra)}",
+          file=sys.stderr)
+    return 2
+  args.extra = extra
   try:
     return args.func(args)
-  except (ValueError, TypeError, FileNotFoundError) as e:
+  except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
     print(f"saft {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -128,6 +128,18 @@ def _save_run(run_dir, tv, best, history=None, member=None):
     json.dump({k: float(v) for k, v in best.items()}, f)
 
 
+def finetune_one(suite, config, run_dir, task, finetune, saft, seed, mesh=None):
+  """One fine-tuning run in ``run_dir`` (resuming from its ``ckpt/``), saved as
+  ``task_vector.msgpack`` and ``best.json``; returns ``(task_vector, best_val_metrics)``."""
+  if is_text_suite(suite):
+    from saft_jax.experiment.text_finetune import finetune_text_task
+    tv, best = finetune_text_task(suite, task, finetune, saft, seed, config, run_dir, mesh=mesh)
+  else:
+    tv, best = finetune_task(suite, task, finetune, saft, seed, config, run_dir, mesh=mesh)
+  _save_run(run_dir, tv, best)
+  return tv, best
+
+
 def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
   """Task vectors ``{seed: [τ_t for t in suite.tasks]}`` of one method and setting.
 
@@ -146,15 +158,10 @@ def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
     group, t0 = missing[g:g + max(size, 1)], time.time()
     if len(group) == 1 and single:
       (t, s), = group
-      run_dir = _run_dir(ft_root, finetune, saft, s, t)
       logger.info("fine-tuning %s %s-%s seed %d (%d of %d missing runs)", t, finetune, saft, s,
                   g + 1, len(missing))
-      if text:
-        from saft_jax.experiment.text_finetune import finetune_text_task
-        tv, best = finetune_text_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
-      else:
-        tv, best = finetune_task(suite, t, finetune, saft, s, config, run_dir, mesh=mesh)
-      _save_run(run_dir, tv, best)
+      tv, best = finetune_one(suite, config, _run_dir(ft_root, finetune, saft, s, t), t,
+                              finetune, saft, s, mesh)
       results, history = [(tv, best)], None
     else:
       name = hashlib.sha1(json.dumps(group).encode()).hexdigest()[:10]
