@@ -33,7 +33,7 @@ def _base_config(args):
   if args.safts:
     changes["safts"] = tuple(args.safts.split(","))
   if args.merges == "all":
-    changes["merges"] = config_lib.BASIC_MERGES + config_lib.EXTRA_MERGES
+    changes["merges"] = config_lib.ALL_MERGES
   elif args.merges:
     changes["merges"] = tuple(args.merges.split(","))
   if args.seeds is not None:

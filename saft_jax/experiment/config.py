@@ -20,6 +20,9 @@ SAFTS = ("none", "sam", "asam", "friendly_sam", "gsam", "sagm", "pgn", "ssam_f",
 BASIC_MERGES = ("weight_average", "task_arithmetic", "ties")
 EXTRA_MERGES = ("dare_ties", "breadcrumbs", "magmax", "consensus", "consensus_ties", "tsv_m",
                 "iso_c")
+# Merges that use data (saft_jax.experiment.data_merges): one merged model, no λ search.
+DATA_MERGES = ("fisher", "regmean", "adamerging")
+ALL_MERGES = BASIC_MERGES + EXTRA_MERGES + DATA_MERGES
 
 
 SCHEDULES = ("cosine", "linear")
@@ -138,7 +141,8 @@ class ReproduceConfig:
     tasks: task names of the suite (``None``: all of them).
     finetunes: fine-tuning methods out of :data:`FINETUNES`.
     safts: sharpness settings out of :data:`SAFTS` ("none" is plain AdamW).
-    merges: merge methods (:data:`BASIC_MERGES`, optionally :data:`EXTRA_MERGES`).
+    merges: merge methods (:data:`BASIC_MERGES`, optionally :data:`EXTRA_MERGES` and the
+      data-driven :data:`DATA_MERGES`, vision suites only).
     protocols: coefficient-search protocols (see :mod:`saft_jax.experiment.search`).
     seeds: one full grid per seed; reports give mean ± std.
     steps: optimizer steps per fine-tuning run.
@@ -202,7 +206,7 @@ class ReproduceConfig:
       raise ValueError(f"unknown suite {self.suite!r}; known: {', '.join(SUITES)}")
     for name, values, known in (("finetunes", self.finetunes, FINETUNES),
                                 ("safts", self.safts, SAFTS),
-                                ("merges", self.merges, BASIC_MERGES + EXTRA_MERGES)):
+                                ("merges", self.merges, ALL_MERGES)):
       bad = [v for v in values if v not in known]
       if bad or not values:
         raise ValueError(f"{name}: unknown or empty {bad or values}; known: {known}")

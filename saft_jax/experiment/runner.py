@@ -35,7 +35,7 @@ from saft_jax import data as data_lib
 from saft_jax import merging
 from saft_jax import train as train_lib
 from saft_jax.experiment import config as config_lib
-from saft_jax.experiment import evaluate, report, search
+from saft_jax.experiment import data_merges, evaluate, report, search
 from saft_jax.experiment import regime as regime_lib
 from saft_jax.experiment.finetune import finetune_stacked, finetune_task
 from saft_jax.experiment.store import load_tree, save_tree
@@ -201,10 +201,15 @@ def merge_records(suite, config, tvs, accuracy, seed: int) -> list[dict]:
   ft_val = np.array([accuracy(tv, [1.0], t, "val")[0] for tv, t in zip(tvs, tasks)])
   ft_test = np.array([accuracy(tv, [1.0], t, "test")[0] for tv, t in zip(tvs, tasks)])
   details = getattr(accuracy, "details", None)
+  data_merges.check_suite(suite, config.merges)
   records = []
   for merge in config.merges:
     t0 = time.time()
-    candidates = merge_candidates(merge, tvs, seed)
+    if merge in config_lib.DATA_MERGES:  # one fixed model from data (validation / test)
+      candidates = data_merges.candidates(merge, suite, tvs, seed,
+                                          getattr(accuracy, "linear_model", False))
+    else:
+      candidates = merge_candidates(merge, tvs, seed)
     for r in search.search(candidates, tasks, accuracy, ft_val, ft_test, config.protocols):
       record = dict(r, merge=merge, seed=seed)
       if details is not None:
@@ -227,6 +232,7 @@ def make_accuracy(suite, config, counter, mesh):
   def accuracy(direction, lams, task, split):
     return task_accuracy(counter, suite, direction, lams, task, split, config.eval_batch_size,
                          mesh)
+  accuracy.linear_model = getattr(counter, "linear_model", False)  # read by data merges
   return accuracy
 
 
@@ -238,8 +244,10 @@ def make_counters(suite):
     return text_eval.make_counters(suite)
   # XLA:CPU runs a sequential map over λ faster than a vmapped chunk; accelerators prefer 8.
   chunk = None if jax.devices()[0].platform == "cpu" else 8
+  linear = evaluate.make_linear_grid_counter(suite.features_fn())
+  linear.linear_model = True  # the data-driven merges then merge the linearized model
   return {"plain": evaluate.make_grid_counter(suite.features_fn(), chunk=chunk),
-          "linear": evaluate.make_linear_grid_counter(suite.features_fn())}
+          "linear": linear}
 
 
 def make_run_mesh(config):
@@ -283,6 +291,7 @@ def reproduce(config, out_dir: str) -> list[dict]:
   if is_text_suite(suite):
     meta.update(_text_meta(suite, config, counters, mesh))
   report.write_results(out_dir, records, meta)
+  data_merges.append_report(out_dir, config.merges)
   return records
 
 

@@ -20,3 +20,6 @@ from ._spectral import (iso_c, iso_c_merged_vector, iso_cts, iso_cts_merged_vect
 from ._analysis import cosine_similarity_matrix, global_norm, leaf_norms, sign_conflict_rate
 from ._streaming import stream_merge
 from ._io import checkpoint_format, open_checkpoint
+from ._fisher import fisher_diagonal, fisher_merge, fisher_norm
+from ._regmean import gram_axes, gram_matrices, reduce_non_diagonal, regmean
+from ._adamerging import adamerging, merge_with_coefficients, softmax_entropy
