@@ -17,7 +17,7 @@ Add `--all-methods` for FTTS and FTLO, `--seeds 3` for mean ± std.
 
 Settings: the tasks' `lexical` level (`--set text.level=standard` for the harder
 grammar); θ0 pre-trained 1000 steps (batch 64, lr 1e-3, half of each batch task
-examples); fine-tuning 300 steps of batch 32, lr 1e-3, 10 warm-up steps, linear decay;
+examples); fine-tuning 600 steps of batch 32, lr 1e-3, 10 warm-up steps, linear decay;
 2000 / 100 / 200 examples per task; ASAM ρ = 0.5·√(236,352 / 247,577,856) = 0.0154 →
 0.015 (per-coordinate radius of Flan-T5-base at the paper's ρ = 0.5). Change any of
 them with --set, e.g. `--set text.pretrain_steps=2000 --set optim.lr=3e-4`.

@@ -63,7 +63,7 @@ def text_config() -> ReproduceConfig:
   Settings sized for 2 CPU cores (about 5 min idle): the ``lexical`` level of the tasks;
   θ0 pre-trained 1000 steps (batch 64, lr 1e-3), half of each batch span corruption and
   half labelled task examples drawn apart from the splits (the analogue of Flan-T5's
-  instruction tuning, which contains GLUE); fine-tuning 300 steps of batch 32, AdamW lr
+  instruction tuning, which contains GLUE); fine-tuning 600 steps of batch 32, AdamW lr
   1e-3 with 10 warm-up steps and a linear decay (the NLP schedule); 2000 / 100 / 200
   examples per task; ASAM's radius dimension-matched to Flan-T5-base
   (:data:`TEXT_ASAM_RHO`). Accuracy is the exact match of the generated label word
@@ -72,7 +72,7 @@ def text_config() -> ReproduceConfig:
   """
   return ReproduceConfig(
       suite="text", finetunes=("sgd",), safts=("none", "asam"),
-      steps=300, batch_size=32, eval_every=50, checkpoint_every=100, eval_batch_size=100,
+      steps=600, batch_size=32, eval_every=100, checkpoint_every=200, eval_batch_size=100,
       optim=OptimConfig(lr=TEXT_LR, weight_decay=0.1, warmup_steps=10, clip_norm=1.0,
                         asam_rho=TEXT_ASAM_RHO, schedule="linear"),
       text=TextConfig(score="exact"))

@@ -272,7 +272,7 @@ def test_text_overrides_and_defaults():
     config_lib.apply_overrides(cfg, ["text.pretrain_step=7"])
   base = defaults.text_config()
   assert (base.suite, base.steps, base.batch_size, base.optim.lr, base.optim.warmup_steps,
-          base.optim.schedule) == ("text", 300, 32, 1e-3, 10, "linear")
+          base.optim.schedule) == ("text", 600, 32, 1e-3, 10, "linear")
   t = base.text
   assert (t.d_model, t.num_layers, t.num_decoder_layers, t.num_heads, t.d_ff,
           t.feed_forward_proj, t.tie_word_embeddings) == (64, 2, 1, 4, 256, "gated-gelu", False)
