@@ -1,17 +1,24 @@
-"""Benchmark of saft_jax.merging (a script, not a test).
+"""Benchmark of saft_jax.merging, side by side in one run (a script, not a test).
 
-1. TIES (global trim) on T synthetic task vectors shaped like the CLIP ViT-B/32 image
-   encoder (~88M parameters each), jit-compiled bisection top-k, against a straightforward
-   NumPy sort-based implementation in the same run. Runs on whatever ``jax.devices()``
-   gives (CPU by default; the same script runs on a GPU).
-2. Streaming merge of T safetensors checkpoints (ViT-like layout, >= 250M parameters each
-   by default) written to a temporary folder: peak RSS of the merging process against the
-   checkpoints' total size (deleted afterwards).
+1. In-memory global TIES (k = 0.2) on T synthetic task vectors (ViT-like leaves, float32):
+   ``saft_jax`` (jit; the default engine of the backend, on CPU the host radix select),
+   the XLA engine (fused counting passes; bisection on CPU), and a NumPy TIES whose
+   thresholds come from ``np.partition``. Target on CPU: saft_jax <= 0.5 x NumPy.
+   On a GPU, also T x 88M (CLIP ViT-B/32 sized) task vectors (target <= 50 ms).
+2. Streaming merges of 1 pretrained + T fine-tuned safetensors files (float32, ViT-like):
+   the time to read every input once (the merge's own memory-mapped reader, no math),
+   streaming task arithmetic and TIES (targets <= 2x and <= 3x the read), and each run's
+   peak RSS against (T + 1) x the largest leaf (target: <= that + 10 %), each run in a
+   fresh process after one warm-up merge (compilation excluded).
+3. A tiny Llama written by transformers as sharded bf16 safetensors (``--llama``): saft_jax
+   streaming task arithmetic / TIES, and mergekit's ``mergekit-yaml`` on the same shards
+   when it is installed (``--mergekit-bin``; never a dependency of this project).
 
 Examples::
 
-    python3 experiments/bench_merging.py                      # full sizes
-    python3 experiments/bench_merging.py --width 192 --stream-params 20e6   # quick
+    python3 experiments/bench_merging.py                     # all sections, CPU sizes
+    python3 experiments/bench_merging.py --skip-stream --repeats 5
+    python3 experiments/bench_merging.py --llama --mergekit-bin /tmp/mk_venv/bin/mergekit-yaml
 """
 from __future__ import annotations
 
@@ -46,13 +53,13 @@ def vit_shapes(width: int, layers: int, patch: int = 32, tokens: int = 50, out: 
 
 
 def numpy_ties(flat_tvs: np.ndarray, k: float) -> np.ndarray:
-  """Straightforward TIES on a (T, N) matrix: sort-based threshold per task."""
+  """Plain NumPy TIES on a (T, N) matrix: exact thresholds by ``np.partition``."""
   t, n = flat_tvs.shape
   n_keep = max(1, int(k * n))
   trimmed = np.empty_like(flat_tvs)
   for i in range(t):
     a = np.abs(flat_tvs[i])
-    thr = np.sort(a)[n - n_keep]  # ascending sort: the n_keep-th largest
+    thr = np.partition(a, n - n_keep)[n - n_keep]  # the n_keep-th largest
     trimmed[i] = np.where(a >= thr, flat_tvs[i], 0.0)
     del a
   sign = np.sign(trimmed.sum(0))
@@ -64,62 +71,206 @@ def numpy_ties(flat_tvs: np.ndarray, k: float) -> np.ndarray:
   return total / np.maximum(count, 1)
 
 
-def bench_ties(args):
+def _best(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * min(times), 1e3 * float(np.median(times))
+
+
+# ------------------------------------------------------------------------ in-memory TIES
+def bench_ties(args, width, layers, tasks, with_numpy=True):
   import jax
   import jax.numpy as jnp
   from saft_jax import merging as m
 
-  shapes = vit_shapes(args.width, args.layers)
+  shapes = vit_shapes(width, layers)
   n = sum(int(np.prod(s)) for s in shapes.values())
-  print(f"# TIES (global trim, k={args.k}) on {args.tasks} task vectors of {n / 1e6:.1f}M "
-        f"parameters, device {jax.devices()[0].device_kind}")
-  key = jax.random.key(0)
+  dev = jax.devices()[0]
+  print(f"\n## In-memory global TIES (k = {args.k}): {tasks} task vectors x {n / 1e6:.1f}M "
+        f"float32, {len(shapes)} leaves each, on {dev.platform} ({dev.device_kind}); "
+        f"best / median of {args.repeats}")
 
   @jax.jit
   def make(key):
     keys = jax.random.split(key, len(shapes))
     return {p: 1e-3 * jax.random.normal(kk, s, jnp.float32)
             for kk, (p, s) in zip(keys, shapes.items())}
-  tvs = [make(kk) for kk in jax.random.split(key, args.tasks)]
+  tvs = [make(kk) for kk in jax.random.split(jax.random.key(0), tasks)]
   jax.block_until_ready(tvs)
-  fn = jax.jit(m.ties_merged_vector, static_argnames=("k", "trim"))
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(tvs, k=args.k))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(args.repeats):
+  rows, outs = [], {}
+  engines = [("saft_jax (default engine: %s)" % m._topk.engine(), None)]
+  if dev.platform == "cpu" and not args.skip_xla_engine:
+    engines.append(("saft_jax XLA engine (1-bit digits = bisection)", "xla"))
+  for name, eng in engines:
+    old = os.environ.get("SAFT_TOPK_ENGINE")
+    if eng:
+      os.environ["SAFT_TOPK_ENGINE"] = eng
+    # A new function object per engine: jit caches traces by function, and the engine is
+    # chosen at trace time.
+    fn = jax.jit(lambda x: m.ties_merged_vector(x, k=args.k))
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(tvs, k=args.k))
-    times.append(time.perf_counter() - t0)
-  jax_ms = 1e3 * float(np.median(times))
-  rows = [("jax bisection (jit)", jax_ms, f"first call {compile_s:.1f} s incl. compile")]
-  if not args.skip_numpy:
-    keys = list(shapes)
+    out = jax.block_until_ready(fn(tvs))
+    first = time.perf_counter() - t0
+    best, med = _best(lambda: jax.block_until_ready(fn(tvs)), args.repeats)
+    thr_fn = jax.jit(lambda x: m.ties_thresholds(x, args.k))
+    jax.block_until_ready(thr_fn(tvs))
+    tbest, _ = _best(lambda: jax.block_until_ready(thr_fn(tvs)), args.repeats)
+    rows.append((name, best, med, f"thresholds alone {tbest:.0f} ms; first call "
+                 f"{first:.1f} s incl. compile"))
+    outs[name] = out
+    if eng:
+      if old is None:
+        os.environ.pop("SAFT_TOPK_ENGINE")
+      else:
+        os.environ["SAFT_TOPK_ENGINE"] = old
+  keys = list(shapes)
+  if with_numpy:
     flat = np.stack([np.concatenate([np.asarray(tv[p]).ravel() for p in keys]) for tv in tvs])
-    got = np.concatenate([np.asarray(out[p]).ravel() for p in keys])
-    del tvs, out
-    t0 = time.perf_counter()
-    ref = numpy_ties(flat, args.k)
-    np_ms = 1e3 * (time.perf_counter() - t0)
+    del tvs
+    ref = None
+
+    def run_np():
+      nonlocal ref
+      ref = numpy_ties(flat, args.k)
+    best, med = _best(run_np, args.repeats)
+    got = np.concatenate([np.asarray(outs[rows[0][0]][p]).ravel() for p in keys])
     err = float(np.max(np.abs(ref - got)))
-    rows.append(("numpy sort-based", np_ms, f"max |diff| vs jax {err:.2e}"))
-    rows.append(("speed-up", np_ms / jax_ms, "numpy / jax"))
-  print("| implementation | ms | note |\n|---|---|---|")
-  for name, v, note in rows:
-    print(f"| {name} | {v:.1f} | {note} |" if name != "speed-up" else
-          f"| {name} | {v:.1f}x | {note} |")
+    rows.append(("NumPy TIES (np.partition thresholds)", best, med,
+                 f"max |saft_jax - NumPy| = {err:.1e}"))
+  print("| implementation | best ms | median ms | note |\n|---|---|---|---|")
+  for name, b, md, note in rows:
+    print(f"| {name} | {b:.0f} | {md:.0f} | {note} |")
+  if with_numpy:
+    ratio = rows[0][1] / rows[-1][1]
+    print(f"saft_jax / NumPy (best): {ratio:.2f}x (target <= 0.5x: "
+          f"{'met' if ratio <= 0.5 else 'not met'})")
   return rows
 
 
-_MEM_CHILD = textwrap.dedent("""
+# ---------------------------------------------------------------------------- streaming
+_STREAM_CHILD = textwrap.dedent("""
     import json, sys, threading, time
+    import numpy as np
+    d, t, what, repeats = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    files = [f"{d}/pre.safetensors"] + [f"{d}/ft{i}.safetensors" for i in range(t)]
     from saft_jax import merging as m
-    d, t, method, warm = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    from saft_jax.merging import _io, _streaming
+    def read_once():
+      # Every input once through the merge's own reader and chunk buffers, no math.
+      readers = [_io.open_checkpoint(f) for f in files]
+      pre = readers[0]
+      largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
+      cb = min(max(largest // 4, _streaming._MIN_CHUNK), _streaming._MAX_CHUNK)
+      items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
+      chunks = [c for k, c in items if k == "chunk"]
+      pool = _streaming._BufferPool()
+      for ch, buf in _streaming._prefetched(chunks,
+                                            lambda c: _streaming._load_chunk(readers, c, pool)):
+        del buf
+      for r in readers: r.close()
+      return {"passes": 1}
     def run():
-      return m.stream_merge(f"{d}/pre.safetensors", [f"{d}/ft{i}.safetensors"
-                            for i in range(t)], f"{d}/out_{method}.safetensors", method,
+      if what == "read":
+        return read_once()
+      return m.stream_merge(files[0], files[1:], f"{d}/out_{what}.safetensors", what,
                             lam=0.3, k=0.2, overwrite=True)
-    if warm:  # a first identical run pays every one-off cost (op compilation, caches)
+    run()  # warm-up: compilation, page cache
+    def rss():
+      for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+          return int(line.split()[1]) * 1024
+    base, peak, stop = rss(), [0], [False]
+    def sample():
+      while not stop[0]:
+        peak[0] = max(peak[0], rss()); time.sleep(0.002)
+    th = threading.Thread(target=sample); th.start()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter(); st = run(); times.append(time.perf_counter() - t0)
+    stop[0] = True; th.join()
+    print(json.dumps({"base": base, "peak": peak[0], "best": min(times),
+                      "median": float(np.median(times)), **st}))
+""")
+
+
+def _child(script, argv, env=None):
+  res = subprocess.run([sys.executable, "-c", script] + [str(a) for a in argv],
+                       capture_output=True, text=True, env=env)
+  if res.returncode:
+    print(res.stderr[-3000:])
+    return None
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_stream(args):
+  from safetensors.numpy import save_file
+  w = args.stream_width
+  per_block = 12 * w * w + 13 * w
+  layers = max(1, int(round(args.stream_params / per_block)))
+  shapes = vit_shapes(w, layers, patch=14, tokens=257, out=w)
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  largest = max(int(np.prod(s)) for s in shapes.values()) * 4
+  d = tempfile.mkdtemp(prefix="bench_merging_", dir=args.tmp)
+  t = args.stream_tasks
+  print(f"\n## Streaming merges: 1 pretrained + {t} fine-tuned safetensors files of "
+        f"{n / 1e6:.1f}M float32 ({len(shapes)} leaves; largest {largest / 2**20:.1f} MiB), "
+        f"page cache warm; best / median of {args.repeats} in one process after a warm-up run")
+  rows = []
+  try:
+    rng = np.random.default_rng(0)
+    pre = {p: rng.standard_normal(s, dtype=np.float32) for p, s in shapes.items()}
+    save_file(pre, os.path.join(d, "pre.safetensors"))
+    for i in range(t):
+      save_file({p: v + 1e-3 * rng.standard_normal(v.shape, dtype=np.float32)
+                 for p, v in pre.items()}, os.path.join(d, f"ft{i}.safetensors"))
+    del pre
+    total = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    for what in ["read", "task_arithmetic", "ties"]:
+      r = _child(_STREAM_CHILD, [d, t, what, args.repeats], env)
+      if r is not None:
+        rows.append((what, r))
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+  read = dict(rows).get("read")
+  budget = (t + 1) * largest
+  print(f"inputs {total / 2**30:.2f} GiB; RSS budget (models + 1) x largest leaf = "
+        f"{budget / 2**20:.0f} MiB (+10 % = {1.1 * budget / 2**20:.0f} MiB)")
+  print("| run | best ms | median ms | / read once | passes | peak RSS MiB | RSS growth MiB | "
+        "growth / budget |\n|---|---|---|---|---|---|---|---|")
+  for what, r in rows:
+    rel = r["best"] / read["best"] if read else float("nan")
+    growth = r["peak"] - r["base"]
+    print(f"| {what} | {1e3 * r['best']:.0f} | {1e3 * r['median']:.0f} | {rel:.2f}x | "
+          f"{r.get('passes')} | {r['peak'] / 2**20:.0f} | {growth / 2**20:.0f} | "
+          f"{growth / budget:.2f} |")
+  if read:
+    res = dict(rows)
+    for what, target in [("task_arithmetic", 2.0), ("ties", 3.0)]:
+      if what in res:
+        rel = res[what]["best"] / read["best"]
+        print(f"streaming {what}: {rel:.2f}x read-once (target <= {target}x: "
+              f"{'met' if rel <= target else 'not met'})")
+    for what, r in rows:
+      g = (r["peak"] - r["base"]) / budget
+      print(f"{what}: RSS growth {g:.2f} x budget (target <= 1.1: "
+            f"{'met' if g <= 1.1 else 'not met'}; the process's {r['base'] / 2**20:.0f} MiB "
+            f"runtime before the merge excluded)")
+  return rows
+
+
+# --------------------------------------------------------------------- tiny Llama shards
+_LLAMA_CHILD = textwrap.dedent("""
+    import json, sys, time, threading
+    d, t, what, trim, warm = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    from saft_jax import merging as m
+    def run():
+      return m.stream_merge(f"{d}/pre", [f"{d}/ft{i}" for i in range(t)], f"{d}/saft_{what}",
+                            what, lam=0.3, k=0.2, trim=trim, overwrite=True)
+    if warm == "1":
       run()
     def rss():
       for line in open("/proc/self/status"):
@@ -128,80 +279,127 @@ _MEM_CHILD = textwrap.dedent("""
     base, peak, stop = rss(), [0], [False]
     def sample():
       while not stop[0]:
-        peak[0] = max(peak[0], rss()); time.sleep(0.005)
+        peak[0] = max(peak[0], rss()); time.sleep(0.002)
     th = threading.Thread(target=sample); th.start()
-    t0 = time.time()
-    st = run()
+    t0 = time.perf_counter(); run(); dt = time.perf_counter() - t0
     stop[0] = True; th.join()
-    print(json.dumps({"base": base, "peak": peak[0], "seconds": time.time() - t0, **st}))
+    print(json.dumps({"seconds": dt, "peak": peak[0], "base": base}))
 """)
 
 
-def bench_stream(args):
-  from safetensors.numpy import save_file
-  target = float(args.stream_params)
-  w = args.stream_width
-  per_block = 12 * w * w + 13 * w
-  layers = max(1, int(np.ceil(target / per_block)))
-  shapes = vit_shapes(w, layers, patch=14, tokens=257, out=w)
-  n = sum(int(np.prod(s)) for s in shapes.values())
-  largest = max(int(np.prod(s)) for s in shapes.values()) * 4
-  d = tempfile.mkdtemp(prefix="bench_merging_", dir=args.tmp)
-  print(f"\n# Streaming merge: {args.tasks} fine-tuned + 1 pretrained safetensors checkpoints "
-        f"of {n / 1e6:.0f}M float32 parameters ({layers} blocks, width {w}) in {d}")
-  rows = []
+def _mergekit_config(d, t, method):
+  lines = ["merge_method: " + method, f"base_model: {d}/pre", "dtype: bfloat16", "models:"]
+  for i in range(t):
+    lines += [f"  - model: {d}/ft{i}", "    parameters:", "      weight: 0.3"]
+    if method == "ties":
+      lines.append("      density: 0.2")
+  if method == "ties":
+    lines += ["parameters:", "  normalize: false"]
+  return "\n".join(lines) + "\n"
+
+
+def _time_cmd(cmd):
+  """Wall seconds and peak RSS (MiB, children) of a command."""
+  t0 = time.perf_counter()
+  res = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True)
+  dt = time.perf_counter() - t0
+  if res.returncode:
+    return None, res.stderr[-1500:]
+  return dt, int(res.stderr.strip().splitlines()[-1]) / 1024
+
+
+def bench_llama(args):
   try:
-    rng = np.random.default_rng(0)
-    t0 = time.time()
-    for name in ["pre"] + [f"ft{i}" for i in range(args.tasks)]:
-      save_file({p: rng.standard_normal(s, dtype=np.float32) for p, s in shapes.items()},
-                os.path.join(d, f"{name}.safetensors"))
-    total = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-    print(f"wrote {total / 2**30:.2f} GiB in {time.time() - t0:.0f} s")
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))
-    for method in args.stream_methods.split(","):
-      res = subprocess.run([sys.executable, "-c", _MEM_CHILD, d, str(args.tasks), method,
-                            str(int(args.warmup))],
-                           capture_output=True, text=True, env=env)
-      if res.returncode:
-        print(res.stderr[-3000:])
-        continue
-      r = json.loads(res.stdout.strip().splitlines()[-1])
-      rows.append((method, r["peak"] / 2**20, (r["peak"] - r["base"]) / 2**20,
-                   total / 2**20, r["seconds"], r["passes"]))
+    import torch
+    import transformers
+  except ImportError:
+    print("\n## tiny Llama: transformers/torch not installed, skipped")
+    return
+  t = args.stream_tasks
+  d = tempfile.mkdtemp(prefix="bench_llama_", dir=args.tmp)
+  cfg = transformers.LlamaConfig(vocab_size=args.llama_vocab, hidden_size=args.llama_hidden,
+                                 intermediate_size=4 * args.llama_hidden,
+                                 num_hidden_layers=args.llama_layers, num_attention_heads=8,
+                                 num_key_value_heads=4, max_position_embeddings=256)
+  try:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(f"{d}/pre", max_shard_size=args.llama_shard)
+    g = torch.Generator().manual_seed(1)
+    for i in range(t):
+      with torch.no_grad():
+        for p in model.parameters():
+          p.add_((1e-3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+      model.save_pretrained(f"{d}/ft{i}", max_shard_size=args.llama_shard)
+    shards = len([f for f in os.listdir(f"{d}/pre") if f.endswith(".safetensors")])
+    print(f"\n## Tiny Llama (transformers {transformers.__version__}): {n / 1e6:.1f}M bf16 "
+          f"parameters in {shards} shards, 1 base + {t} fine-tuned, lam = 0.3, TIES k = 0.2")
+    print("| tool | method | seconds | peak RSS MiB |\n|---|---|---|---|")
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    for what, trim in [("task_arithmetic", "global"), ("ties", "global"), ("ties", "per_leaf")]:
+      name = what if what != "ties" else f"ties (trim={trim})"
+      r = _child(_LLAMA_CHILD, [d, t, what, trim, 1], env)
+      if r:
+        print(f"| saft_jax stream_merge, warm (merge only) | {name} | {r['seconds']:.2f} | "
+              f"{r['peak'] / 2**20:.0f} |")
+      dt, rss = _time_cmd([sys.executable, "-c", _LLAMA_CHILD, d, str(t), what, trim, "0"])
+      if dt is not None:
+        print(f"| saft_jax, fresh process (incl. start-up, compilation) | {name} | {dt:.2f} | "
+              f"{rss:.0f} |")
+    mk = args.mergekit_bin or shutil.which("mergekit-yaml")
+    if not mk:
+      print("| mergekit | - | not installed (pip install mergekit in a separate venv and pass "
+            "--mergekit-bin) | |")
+      return
+    for what in ["task_arithmetic", "ties"]:
+      cfg_p = f"{d}/mk_{what}.yml"
+      with open(cfg_p, "w") as f:
+        f.write(_mergekit_config(d, t, what))
+      dt, rss = _time_cmd([mk, cfg_p, f"{d}/mk_out_{what}", "--lazy-unpickle",
+                           "--allow-crimes", "--out-shard-size", "1B"])
+      if dt is None:
+        print(f"| mergekit | {what} | failed: {rss!r} | |")
+      else:
+        name = what if what != "ties" else "ties (per-tensor density)"
+        print(f"| mergekit-yaml, fresh process (incl. start-up) | {name} | {dt:.2f} | "
+              f"{rss:.0f} |")
   finally:
     shutil.rmtree(d, ignore_errors=True)
-  print(f"largest leaf {largest / 2**20:.1f} MiB; peak RSS of the merging process "
-        f"(including ~0.2-0.3 GiB of Python/JAX runtime); warm-up run first: {args.warmup}")
-  print("| method | peak RSS MiB | growth over start MiB | checkpoints total MiB | "
-        "peak / total | seconds | passes |\n|---|---|---|---|---|---|---|")
-  for meth, peak, growth, tot, sec, passes in rows:
-    print(f"| {meth} | {peak:.0f} | {growth:.0f} | {tot:.0f} | {peak / tot:.3f} | {sec:.0f} | "
-          f"{passes} |")
-  return rows
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--tasks", type=int, default=8)
   ap.add_argument("--k", type=float, default=0.2)
-  ap.add_argument("--width", type=int, default=768, help="ViT width (768 = B/32, ~88M)")
-  ap.add_argument("--layers", type=int, default=12)
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--skip-numpy", action="store_true")
+  ap.add_argument("--tasks", type=int, default=8, help="task vectors (in-memory TIES)")
+  ap.add_argument("--width", type=int, default=256, help="ViT width, in-memory TIES")
+  ap.add_argument("--layers", type=int, default=5, help="ViT blocks (256 x 5: ~4.1M)")
+  ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--skip-ties", action="store_true")
+  ap.add_argument("--skip-xla-engine", action="store_true")
   ap.add_argument("--skip-stream", action="store_true")
-  ap.add_argument("--stream-params", type=float, default=250e6)
-  ap.add_argument("--stream-width", type=int, default=1280)
-  ap.add_argument("--stream-methods", default="task_arithmetic,ties")
+  ap.add_argument("--stream-tasks", type=int, default=6)
+  ap.add_argument("--stream-params", type=float, default=23.6e6)
+  ap.add_argument("--stream-width", type=int, default=768)
+  ap.add_argument("--llama", action="store_true", help="run the tiny-Llama section")
+  ap.add_argument("--llama-hidden", type=int, default=256)
+  ap.add_argument("--llama-layers", type=int, default=4)
+  ap.add_argument("--llama-vocab", type=int, default=32000)
+  ap.add_argument("--llama-shard", default="10MB")
+  ap.add_argument("--mergekit-bin", default=None, help="path of mergekit-yaml")
   ap.add_argument("--tmp", default="/tmp")
-  ap.add_argument("--warmup", action="store_true",
-                  help="measure a second identical streaming run (one-off costs excluded)")
   args = ap.parse_args()
+  import jax
+  print(f"# bench_merging: jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   if not args.skip_ties:
-    bench_ties(args)
+    bench_ties(args, args.width, args.layers, args.tasks)
+    if jax.default_backend() == "gpu":  # GPU rows: CLIP ViT-B/32-sized task vectors
+      bench_ties(args, 768, 12, args.tasks, with_numpy=False)
   if not args.skip_stream:
     bench_stream(args)
+  if args.llama:
+    bench_llama(args)
 
 
 if __name__ == "__main__":

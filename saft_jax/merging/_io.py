@@ -5,10 +5,19 @@ and dtypes from metadata only, and read any subset of leaves as NumPy arrays. Wr
 the output layout up front and accept leaves in that order, so nothing but the leaves being
 written is held in memory.
 
-- safetensors: ``safetensors.safe_open(..., framework="numpy")`` reads one tensor at a time;
-  the writer streams the standard layout (8-byte header size, JSON header, raw
-  little-endian data) itself, because ``safetensors.numpy.save_file`` needs every tensor in
-  memory. Keys are the leaf paths verbatim.
+- safetensors: the header is parsed once; tensors (or flat element ranges of them) are
+  memory-mapped one at a time (:meth:`SafetensorsReader.view`), so reading is page faults
+  into the page cache and one copy into the merge buffers, and the mapping goes away with
+  the array (the resident set stays about one chunk). The writer streams the standard
+  layout (8-byte header size, JSON header, raw little-endian data) itself, a tensor at a
+  time or in parts, because ``safetensors.numpy.save_file`` needs every tensor in memory.
+  Keys are the leaf paths verbatim.
+- sharded safetensors (Hugging Face): a directory with ``model.safetensors.index.json``
+  (``weight_map``: tensor -> shard file) and ``model-0000k-of-0000N.safetensors`` shards, or a
+  directory with one ``model.safetensors``. The writer reproduces the template's shard split,
+  file names, per-shard header metadata and an index with ``metadata.total_size`` and
+  ``weight_map`` as ``transformers`` writes them, and copies the template directory's other
+  files (``config.json``, tokenizer files, ...), so ``from_pretrained`` loads the output.
 - orbax: a params pytree saved with ``StandardCheckpointer``/``PyTreeCheckpointer``.
   Reading restores only the wanted leaves (``ocp.PLACEHOLDER`` for the others). Writing
   uses orbax's partial saves (``orbax.checkpoint.v1.partial``) one chunk at a time, then
@@ -18,11 +27,13 @@ written is held in memory.
 """
 from __future__ import annotations
 
+import glob
 import json
+import mmap
 import os
 import shutil
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,22 +59,39 @@ def _st_name(dtype) -> str:
   raise TypeError(f"dtype {dtype} cannot be stored in safetensors")
 
 
+def _sharded_index(path: str) -> Optional[str]:
+  """The ``*.safetensors.index.json`` of a directory, or ``""`` for a lone ``*.safetensors``."""
+  idx = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+  if idx:
+    return idx[0]
+  files = glob.glob(os.path.join(path, "*.safetensors"))
+  return "" if len(files) == 1 else None
+
+
 def checkpoint_format(path: str) -> str:
-  """``"safetensors"`` for a file, ``"orbax"`` for a directory holding ``_METADATA``."""
+  """``"safetensors"`` for a file; for a directory ``"safetensors_sharded"`` (Hugging Face
+  layout: an ``*.safetensors.index.json`` or a single ``*.safetensors``) or ``"orbax"``
+  (holding ``_METADATA``)."""
   if os.path.isfile(path):
     return "safetensors"
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "_METADATA")):
     return "orbax"
-  raise ValueError(f"{path!r} is neither a safetensors file nor an orbax pytree checkpoint "
-                   "directory (with a _METADATA file)")
+  if os.path.isdir(path) and _sharded_index(path) is not None:
+    return "safetensors_sharded"
+  raise ValueError(f"{path!r} is neither a safetensors file, a directory of safetensors "
+                   "shards (with a model.safetensors.index.json) nor an orbax pytree "
+                   "checkpoint directory (with a _METADATA file)")
+
+
+_PAGE = mmap.ALLOCATIONGRANULARITY
 
 
 class SafetensorsReader:
-  """Reads tensors of one ``.safetensors`` file one at a time.
+  """Reads tensors of one ``.safetensors`` file, whole or as flat element ranges.
 
-  Tensors are read with plain positioned reads of their byte range (the layout in the
-  header), not through ``safe_open``'s memory map, so pages of tensors already merged do
-  not stay mapped in the process (its resident set stays about one chunk).
+  :meth:`view` memory-maps just the requested byte range (page-aligned) and returns a
+  read-only array on it; the mapping is released with the array, so pages of tensors
+  already merged do not stay in the process (its resident set stays about one chunk).
   """
 
   format = "safetensors"
@@ -82,22 +110,123 @@ class SafetensorsReader:
     self.shapes = {k: tuple(header[k]["shape"]) for k in keys}
     self.dtypes = {k: _np_dtype(_ST_DTYPES[header[k]["dtype"]]) for k in keys}
 
+    self._size = os.path.getsize(path)
+    self._fd: Optional[int] = None
+
+  def size(self, p: str) -> int:
+    return int(np.prod(self.shapes[p], dtype=np.int64))
+
+  def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    """Flat read-only array of elements ``[start, stop)`` of tensor ``p``, memory-mapped.
+
+    No copy: the array reads the page cache; it holds its own mapping until released.
+    """
+    n = self.size(p)
+    stop = n if stop is None else stop
+    dtype = self.dtypes[p].newbyteorder("<")
+    a0, a1 = self._offsets[p]
+    if a1 - a0 != n * dtype.itemsize or self._base + a1 > self._size:
+      raise ValueError(f"{self.path}: tensor {p!r} is truncated")
+    if stop <= start:
+      return np.zeros((0,), self.dtypes[p])
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    b0 = self._base + a0 + start * dtype.itemsize
+    b1 = self._base + a0 + stop * dtype.itemsize
+    page = b0 - b0 % _PAGE
+    mm = mmap.mmap(self._fd, b1 - page, prot=mmap.PROT_READ, offset=page)
+    return np.frombuffer(mm, dtype, stop - start, b0 - page).view(self.dtypes[p])
+
+  def prefetch(self, p: str, start: int = 0, stop: Optional[int] = None) -> None:
+    """Ask the kernel to read elements ``[start, stop)`` of ``p`` ahead (no memory cost)."""
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    isz = self.dtypes[p].itemsize
+    b0 = self._base + self._offsets[p][0] + start * isz
+    n = ((self.size(p) if stop is None else stop) - start) * isz
+    if hasattr(os, "posix_fadvise") and n > 0:
+      os.posix_fadvise(self._fd, b0, n, os.POSIX_FADV_WILLNEED)
+
   def read(self, paths: Sequence[str]) -> Dict[str, np.ndarray]:
-    out = {}
-    with open(self.path, "rb") as f:
-      for p in paths:
-        start, end = self._offsets[p]
-        dtype = self.dtypes[p].newbyteorder("<")
-        count = (end - start) // dtype.itemsize
-        f.seek(self._base + start)
-        a = np.fromfile(f, dtype=dtype, count=count)
-        if a.size != count:
-          raise ValueError(f"{self.path}: tensor {p!r} is truncated")
-        out[p] = a.astype(self.dtypes[p], copy=False).reshape(self.shapes[p])
-    return out
+    """Whole tensors as (copied) arrays of their shapes."""
+    return {p: np.array(self.view(p)).reshape(self.shapes[p]) for p in paths}
 
   def units(self) -> Dict[str, str]:
     return {p: p for p in self.paths}
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+      pass
+
+
+class ShardedSafetensorsReader:
+  """A Hugging Face sharded safetensors directory read as one checkpoint.
+
+  Leaves are ordered shard by shard (index order of the shard files), then by data offset,
+  so a pass over :attr:`paths` reads each shard file sequentially.
+  """
+
+  format = "safetensors_sharded"
+
+  def __init__(self, path: str):
+    self.path = path
+    index = _sharded_index(path)
+    if index:
+      with open(index) as f:
+        self.index = json.load(f)
+      wmap = self.index["weight_map"]
+      self.index_name = os.path.basename(index)
+    else:
+      only = glob.glob(os.path.join(path, "*.safetensors"))[0]
+      self.index, self.index_name = None, None
+      wmap = {k: os.path.basename(only) for k in SafetensorsReader(only).paths}
+    self.shard_names = sorted(set(wmap.values()))
+    self._shards = {s: SafetensorsReader(os.path.join(path, s)) for s in self.shard_names}
+    self.shard_of: Dict[str, str] = {}
+    self.paths: List[str] = []
+    for s in self.shard_names:
+      r = self._shards[s]
+      for k in r.paths:
+        if k in wmap and wmap[k] != s:
+          continue
+        self.shard_of[k] = s
+        self.paths.append(k)
+    missing = set(wmap) - set(self.shard_of)
+    if missing:
+      raise ValueError(f"{path}: tensors of the index missing in the shards: "
+                       f"{sorted(missing)[:3]}")
+    self.shapes = {k: self._shards[self.shard_of[k]].shapes[k] for k in self.paths}
+    self.dtypes = {k: self._shards[self.shard_of[k]].dtypes[k] for k in self.paths}
+    self.metadata = None
+
+  def shard(self, name: str) -> SafetensorsReader:
+    return self._shards[name]
+
+  def size(self, p: str) -> int:
+    return int(np.prod(self.shapes[p], dtype=np.int64))
+
+  def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    return self._shards[self.shard_of[p]].view(p, start, stop)
+
+  def prefetch(self, p: str, start: int = 0, stop: Optional[int] = None) -> None:
+    self._shards[self.shard_of[p]].prefetch(p, start, stop)
+
+  def read(self, paths: Sequence[str]) -> Dict[str, np.ndarray]:
+    return {p: np.array(self.view(p)).reshape(self.shapes[p]) for p in paths}
+
+  def units(self) -> Dict[str, str]:
+    return {p: p for p in self.paths}
+
+  def close(self) -> None:
+    for r in self._shards.values():
+      r.close()
 
 
 def _md_key(k):
@@ -157,21 +286,49 @@ class OrbaxReader:
       raise ValueError(f"{self.path}: could not read leaves {sorted(missing)[:3]}")
     return res
 
+  def size(self, p: str) -> int:
+    return int(np.prod(self.shapes[p], dtype=np.int64))
+
+  def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    """Flat elements ``[start, stop)`` of leaf ``p`` (restores the whole leaf)."""
+    return self.read([p])[p].reshape(-1)[start:stop]
+
+  def prefetch(self, p: str, start: int = 0, stop: Optional[int] = None) -> None:
+    del p, start, stop
+
+  def close(self) -> None:
+    pass
+
 
 def open_checkpoint(path: str):
-  return SafetensorsReader(path) if checkpoint_format(path) == "safetensors" else OrbaxReader(path)
+  """A reader for ``path`` (format from :func:`checkpoint_format`)."""
+  fmt = checkpoint_format(path)
+  if fmt == "safetensors":
+    return SafetensorsReader(path)
+  if fmt == "safetensors_sharded":
+    return ShardedSafetensorsReader(path)
+  return OrbaxReader(path)
 
 
 class SafetensorsWriter:
-  """Streams a safetensors file: header first, then tensors in the declared order."""
+  """Streams a safetensors file: header first, then tensors in the declared order.
+
+  A tensor is written whole (:meth:`write`) or in consecutive flat parts
+  (:meth:`write_part`); :meth:`patch` overwrites single elements of tensors already written
+  (applied at :meth:`close`). The file appears under its name only when complete.
+  """
+
+  format = "safetensors"
 
   def __init__(self, path: str, layout: Sequence[Tuple[str, tuple, np.dtype]], metadata=None):
     header, off = {}, 0
     self._order = []
+    self._offsets = {}
     for p, shape, dtype in layout:
       n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
       header[p] = {"dtype": _st_name(dtype), "shape": list(shape), "data_offsets": [off, off + n]}
       self._order.append((p, tuple(shape), np.dtype(dtype)))
+      self._offsets[p] = off
       off += n
     if metadata:
       header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -179,32 +336,155 @@ class SafetensorsWriter:
     blob += b" " * (-len(blob) % 8)
     self._tmp = path + ".partial"
     self.path = path
+    self._base = 8 + len(blob)
     self._f = open(self._tmp, "wb")
     self._f.write(len(blob).to_bytes(8, "little"))
     self._f.write(blob)
     self._next = 0
+    self._done_elems = 0  # elements of tensor self._next already written
+    self._patches: List[Tuple[str, np.ndarray, np.ndarray]] = []
+
+  def tensors(self) -> List[str]:
+    return [o[0] for o in self._order]
+
+  def write_part(self, p: str, flat: np.ndarray) -> None:
+    """Append the next elements of tensor ``p`` (the current tensor of the layout)."""
+    if self._next >= len(self._order) or self._order[self._next][0] != p:
+      raise ValueError(f"leaf {p!r} is not next in the layout order")
+    _, shape, dtype = self._order[self._next]
+    n = int(np.prod(shape, dtype=np.int64))
+    a = np.ascontiguousarray(flat).reshape(-1)
+    if a.dtype != dtype:
+      a = a.astype(dtype)
+    if self._done_elems + a.size > n:
+      raise ValueError(f"leaf {p!r}: more than {n} elements written")
+    self._f.write(a.astype(dtype.newbyteorder("<"), copy=False).view(np.uint8).data)
+    self._done_elems += a.size
+    if self._done_elems == n:
+      self._next += 1
+      self._done_elems = 0
 
   def write(self, leaves: Dict[str, np.ndarray]) -> None:
-    while self._next < len(self._order) and self._order[self._next][0] in leaves:
-      p, shape, dtype = self._order[self._next]
-      a = np.asarray(leaves[p]).astype(dtype, copy=False)
-      if a.shape != shape:
-        raise ValueError(f"leaf {p!r}: shape {a.shape}, expected {shape}")
-      self._f.write(np.asarray(a, order="C").astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-      self._next += 1
-    if set(leaves) - {o[0] for o in self._order[:self._next]}:
-      raise ValueError("leaves must be written in the layout order")
+    """Write whole tensors (a dict in layout order)."""
+    for p, a in leaves.items():
+      if self._next < len(self._order) and self._order[self._next][0] == p:
+        a = np.asarray(a)
+        if a.shape != self._order[self._next][1]:
+          raise ValueError(f"leaf {p!r}: shape {a.shape}, expected {self._order[self._next][1]}")
+        if a.size == 0:
+          self._next += 1
+        else:
+          self.write_part(p, a)
+      else:
+        raise ValueError("leaves must be written in the layout order")
+
+  def patch(self, p: str, flat_index: np.ndarray, values: np.ndarray) -> None:
+    """Overwrite elements ``flat_index`` of tensor ``p`` with ``values`` (at close)."""
+    self._patches.append((p, np.asarray(flat_index, np.int64), np.asarray(values)))
+
+  def _apply_patches(self) -> None:
+    if not self._patches:
+      return
+    # One shared mapping of the finished file, no msync: the page cache holds the writes.
+    mm = np.memmap(self._tmp, dtype=np.uint8, mode="r+")
+    for p, idx, vals in self._patches:
+      _, _, dtype = next(o for o in self._order if o[0] == p)
+      start = self._base + self._offsets[p]
+      n = int(np.prod(next(o for o in self._order if o[0] == p)[1], dtype=np.int64))
+      leaf = mm[start:start + n * dtype.itemsize].view(dtype.newbyteorder("<"))
+      leaf[idx] = vals.astype(dtype)
+      del leaf
+    del mm
+    self._patches = []
+
+  def abort(self) -> None:
+    self._f.close()
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
 
   def close(self) -> None:
+    # Zero-size tensors at the end of the layout have nothing to write.
+    while self._next < len(self._order) and not int(np.prod(self._order[self._next][1])):
+      self._next += 1
     self._f.close()
     if self._next != len(self._order):
       os.remove(self._tmp)
       raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")
+    self._apply_patches()
+    os.replace(self._tmp, self.path)
+
+
+class ShardedSafetensorsWriter:
+  """Writes a Hugging Face sharded safetensors directory like a template reader.
+
+  Same shard files (names, tensor split, header metadata) and an index
+  ``{"metadata": {"total_size": ...}, "weight_map": {...}}``; the template directory's other
+  files are copied. Tensors arrive in the template's :attr:`paths` order (shard by shard).
+  """
+
+  format = "safetensors_sharded"
+
+  def __init__(self, path: str, template: ShardedSafetensorsReader):
+    self.path = path
+    self._tmp = path.rstrip("/") + ".partial"
+    if os.path.exists(self._tmp):
+      shutil.rmtree(self._tmp)
+    os.makedirs(self._tmp)
+    self._tpl = template
+    self._writers: Dict[str, SafetensorsWriter] = {}
+    for name in template.shard_names:
+      r = template.shard(name)
+      keep = [p for p in r.paths if template.shard_of.get(p) == name]
+      self._writers[name] = SafetensorsWriter(
+          os.path.join(self._tmp, name), [(p, r.shapes[p], r.dtypes[p]) for p in keep],
+          r.metadata)
+
+  def _w(self, p: str) -> SafetensorsWriter:
+    return self._writers[self._tpl.shard_of[p]]
+
+  def write_part(self, p: str, flat: np.ndarray) -> None:
+    self._w(p).write_part(p, flat)
+
+  def write(self, leaves: Dict[str, np.ndarray]) -> None:
+    for p, a in leaves.items():
+      self._w(p).write({p: a})
+
+  def patch(self, p: str, flat_index: np.ndarray, values: np.ndarray) -> None:
+    self._w(p).patch(p, flat_index, values)
+
+  def abort(self) -> None:
+    for w in self._writers.values():
+      w.abort()
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def close(self) -> None:
+    for w in self._writers.values():
+      w.close()
+    tpl = self._tpl
+    if tpl.index_name is not None:
+      total = sum(tpl.size(p) * tpl.dtypes[p].itemsize for p in tpl.paths)
+      meta = dict(tpl.index.get("metadata") or {})
+      meta["total_size"] = total
+      index = {"metadata": meta, "weight_map": {p: tpl.shard_of[p] for p in tpl.paths}}
+      with open(os.path.join(self._tmp, tpl.index_name), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for name in os.listdir(tpl.path):
+      src = os.path.join(tpl.path, name)
+      if (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+          or not os.path.isfile(src)):
+        continue
+      shutil.copy2(src, os.path.join(self._tmp, name))
     os.replace(self._tmp, self.path)
 
 
 class OrbaxWriter:
   """Writes an orbax pytree checkpoint chunk by chunk through partial saves."""
+
+  format = "orbax"
+
+  def abort(self) -> None:
+    shutil.rmtree(self._tmp, ignore_errors=True)
 
   def __init__(self, path: str, template: OrbaxReader):
     self.path = os.path.abspath(path)
@@ -273,4 +553,6 @@ def create_writer(path: str, template, overwrite: bool = False):
   if template.format == "safetensors":
     layout = [(p, template.shapes[p], template.dtypes[p]) for p in template.paths]
     return SafetensorsWriter(path, layout, template.metadata)
+  if template.format == "safetensors_sharded":
+    return ShardedSafetensorsWriter(path, template)
   return OrbaxWriter(path, template)

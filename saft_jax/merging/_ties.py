@@ -15,7 +15,7 @@ the same code as ``nik-dim/tall_masks`` (``src/utils/ties_utils.py``). Algorithm
    threshold are over all mergeable leaves of that task vector (the reference, which
    flattens the whole model); ``trim="per_leaf"``: per tensor (the convention of LLM merging
    tools). Ties at the threshold are all kept (the reference's ``>=``); thresholds come from
-   bit-pattern bisection (:mod:`._topk`), never from a sort.
+   an exact radix select on the bit patterns (:mod:`._topk`), never from a full sort.
    ``keep="exact"`` (default): ``n_keep = max(1, int(k·n))``, exactly the top ``k`` fraction.
    ``keep="reference"``: ``n_keep = min(int(k·n) + 1, n)``, the reference's count (its
    ``kthvalue(n − int(n·k))`` is the ``int(n·k)+1``-th largest, one entry more than ``k·n``).
