@@ -168,7 +168,8 @@ class ReproduceConfig:
     data_dir: CLIP suite: tensorflow-datasets data directory.
     pretrain_steps: offline suite: steps of the θ0 pretext pre-training.
     eval_batch_size: batch size of evaluation passes.
-    async_checkpoint: write orbax checkpoints in a background thread.
+    async_checkpoint: write orbax checkpoints in a background thread (single-process runs;
+      multi-process runs always save synchronously).
     stack_runs: fine-tuning runs (task × seed) of one method and sharpness setting trained
       together in one compiled program (``jax.vmap``): 1 = one at a time, 0 = all of them,
       N = groups of N. Same numbers either way, up to float rounding. Vision suites only

@@ -135,7 +135,9 @@ def _fit_options(config, run_dir: str) -> dict:
               checkpoint_dir=os.path.join(run_dir, "ckpt"), save_every=config.checkpoint_every,
               log_every=max(1, config.steps // 4),
               metrics_path=os.path.join(run_dir, "metrics.jsonl"),
-              ckpt_async=config.async_checkpoint)
+              # Multi-process runs save synchronously: a restarted 2-process run with
+              # orbax's background saves was seen to hang in the save's finalize thread.
+              ckpt_async=config.async_checkpoint and jax.process_count() == 1)
 
 
 def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, config,
@@ -160,7 +162,9 @@ def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, co
 
   result = train_lib.fit(step, state, frozen, batches_fn, eval_fn=eval_fn,
                          **_fit_options(config, run_dir))
-  return to_task_vector(suite, finetune, result.best_params, frozen), result.best_metrics
+  # Host copies: the arrays of a multi-process mesh span the processes.
+  best_params, frozen = train_lib.to_host(result.best_params), train_lib.to_host(frozen)
+  return to_task_vector(suite, finetune, best_params, frozen), result.best_metrics
 
 
 _HEAD = object()  # marks the per-member head inside the frozen tree (vmap in_axes 0)
@@ -241,9 +245,11 @@ def finetune_stacked(suite, members, finetune: str, saft: str, config, group_dir
   result = train_lib.fit_stacked(step, state, frozen, batches_fn, eval_fn=eval_fn,
                                  **_fit_options(config, group_dir))
   best = eval_fn(result.best_params, frozen)
+  # Host copies: the arrays of a multi-process mesh span the processes.
+  best_params, frozen = train_lib.to_host(result.best_params), train_lib.to_host(frozen)
   out = []
   for m in range(len(members)):
-    params_m = jax.tree.map(lambda x: x[m], result.best_params)
+    params_m = jax.tree.map(lambda x: x[m], best_params)
     # θ0 / frozen leaves are shared by the members; only the head is stacked.
     out.append((to_task_vector(suite, finetune, params_m, frozen),
                 {k: float(np.asarray(v)[m]) for k, v in best.items()}))

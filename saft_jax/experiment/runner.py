@@ -116,9 +116,14 @@ def _run_dir(ft_root, finetune, saft, seed, task):
 
 
 def _save_run(run_dir, tv, best, history=None, member=None):
-  """Writes one finished run: its task vector, best.json and (stacked) metrics.jsonl."""
+  """Writes one finished run: its task vector, best.json and (stacked) metrics.jsonl.
+
+  Only process 0 writes (every process holds the same ``tv`` and ``best``).
+  """
+  if not train_lib.is_primary():
+    return
   os.makedirs(run_dir, exist_ok=True)
-  if history is not None and jax.process_index() == 0:
+  if history is not None:
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
       for rec in history:
         f.write(json.dumps({k: v[member] if isinstance(v, list) else v
@@ -145,12 +150,16 @@ def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
 
   Finished runs (``ft_root/<finetune>-<saft>/seed<k>/<task>/task_vector.msgpack``) are
   reused; the missing ones are trained one at a time or stacked into one compiled
-  program (``config.stack_runs``), resuming from their checkpoints.
+  program (``config.stack_runs``), resuming from their checkpoints. With several
+  processes, process 0 decides which runs are missing and writes the results; the task
+  vectors trained here are returned from memory, the reused ones read by every process.
   """
   seeds = [int(s) for s in seeds]
-  missing = [(t, s) for s in seeds for t in suite.tasks
-             if not os.path.exists(os.path.join(_run_dir(ft_root, finetune, saft, s, t),
-                                                "task_vector.msgpack"))]
+  runs = [(t, s) for s in seeds for t in suite.tasks]
+  missing = [run for run, m in zip(runs, train_lib.primary_flags(
+      [not os.path.exists(os.path.join(_run_dir(ft_root, finetune, saft, s, t),
+                                       "task_vector.msgpack")) for t, s in runs])) if m]
+  trained = {}
   text = is_text_suite(suite)  # text suites train one run at a time
   single = text or config.stack_runs == 1
   size = 1 if text else (len(missing) if config.stack_runs == 0 else config.stack_runs)
@@ -174,13 +183,14 @@ def finetune_all(suite, config, ft_root, finetune, saft, seeds, mesh) -> dict:
         _save_run(_run_dir(ft_root, finetune, saft, s, t), tv, best, history, m)
       if jax.process_index() == 0:  # the members hold the results; drop the group state
         shutil.rmtree(os.path.join(group_dir, "ckpt"), ignore_errors=True)
-    for (t, s), (_, best) in zip(group, results):
+    for (t, s), (tv, best) in zip(group, results):
+      trained[(t, s)] = tv
       logger.info("fine-tuned %-8s %s-%s seed %d: val acc %.4f", t, finetune, saft, s,
                   best["accuracy"])
     logger.info("%d run(s) took %.1fs", len(group), time.time() - t0)
-  return {s: [jax.tree.map(jnp.asarray, load_tree(os.path.join(
-      _run_dir(ft_root, finetune, saft, s, t), "task_vector.msgpack"))) for t in suite.tasks]
-          for s in seeds}
+  return {s: [jax.tree.map(jnp.asarray, trained[(t, s)] if (t, s) in trained else load_tree(
+      os.path.join(_run_dir(ft_root, finetune, saft, s, t), "task_vector.msgpack")))
+              for t in suite.tasks] for s in seeds}
 
 
 def _read_jsonl(path):
@@ -260,8 +270,9 @@ def make_run_mesh(config):
 def reproduce(config, out_dir: str) -> list[dict]:
   """Runs the whole grid of ``config`` and writes the results into ``out_dir``."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=1, default=str)
+  if train_lib.is_primary():  # shared files of the run: written by process 0 only
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(config), f, indent=1, default=str)
   t_start = time.time()
   suite = build_suite(config, out_dir)
   mesh = make_run_mesh(config)
@@ -290,8 +301,10 @@ def reproduce(config, out_dir: str) -> list[dict]:
               seconds=round(time.time() - t_start, 1), devices=str(jax.devices()))
   if is_text_suite(suite):
     meta.update(_text_meta(suite, config, counters, mesh))
-  report.write_results(out_dir, records, meta)
+  if train_lib.is_primary():
+    report.write_results(out_dir, records, meta)
   data_merges.append_report(out_dir, config.merges)
+  train_lib.barrier("saft-reproduce-results")  # the others may read the results next
   return records
 
 

@@ -36,6 +36,9 @@ logger = logging.getLogger("saft_jax.experiment")
 # The offline suite's encoder: a small CLIP-style ViT on 8x8 grey digits.
 OFFLINE_VISION = models.VisionConfig(image_size=8, patch_size=2, width=64, layers=4, heads=4,
                                      output_dim=64, in_channels=1)
+# Batches of θ0's pre-training and of the heads' features: the whole global batch in
+# every process (a replicated computation), not the process's rows.
+WHOLE_BATCH = dict(process_index=0, process_count=1)
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: compiled programs are cached per suite
@@ -65,10 +68,14 @@ class Suite:
 
 
 def features_of(suite: Suite, params, task, split: str, batch_size: int):
-  """All features and labels of ``task``'s ``split`` (NumPy)."""
+  """All features and labels of ``task``'s ``split`` (NumPy).
+
+  Every process computes all of them on its own devices (not only its rows), so that
+  what is fitted on them is the same on every host.
+  """
   fn = jax.jit(suite.features_fn())
   feats, labels = [], []
-  for images, y, mask in data_lib.eval_batches(task, split, batch_size):
+  for images, y, mask in data_lib.eval_batches(task, split, batch_size, **WHOLE_BATCH):
     feats.append(np.asarray(fn(params, images))[mask])
     labels.append(np.asarray(y)[mask])
   return np.concatenate(feats), np.concatenate(labels)
@@ -76,7 +83,12 @@ def features_of(suite: Suite, params, task, split: str, batch_size: int):
 
 def pretrain_offline_encoder(cfg, steps: int, *, batch_size: int = 64, lr: float = 1e-3,
                              seed: int = 0):
-  """θ0 of the offline suite: the ViT plus a linear probe trained on the pretext."""
+  """θ0 of the offline suite: the ViT plus a linear probe trained on the pretext.
+
+  A replicated computation: every process trains on the whole global batches on its
+  own devices, and process 0's result is broadcast, so every host has the same θ0,
+  equal to a single-process run's.
+  """
   task = data_lib.pretext_task(seed)
   key = jax.random.key(seed)
   params = {"encoder": models.init_vision_params(cfg, key),
@@ -92,11 +104,11 @@ def pretrain_offline_encoder(cfg, steps: int, *, batch_size: int = 64, lr: float
                                      weight_decay=0.05, clip_norm=1.0)
   state = train_lib.init_train_state(params, tx)
   step = train_lib.make_train_step(loss_fn, tx)
-  batches = data_lib.train_batches(task, batch_size, seed=seed, augment=True)
+  batches = data_lib.train_batches(task, batch_size, seed=seed, augment=True, **WHOLE_BATCH)
   for _ in range(steps):
     state, metrics = step(state, None, next(batches))
   logger.info("pretext pre-training: %d steps, final loss %.4f", steps, float(metrics["loss"]))
-  return state.params["encoder"]
+  return train_lib.broadcast_from_primary(state.params["encoder"])
 
 
 def build_offline_suite(config, cache_dir: str) -> Suite:
@@ -113,24 +125,30 @@ def build_offline_suite(config, cache_dir: str) -> Suite:
   theta_path = os.path.join(cache_dir, "theta0.msgpack")
   heads_path = os.path.join(cache_dir, "heads.msgpack")
   key_path = os.path.join(cache_dir, "suite.json")
-  cached = (os.path.exists(key_path) and os.path.exists(theta_path)
-            and os.path.exists(heads_path)
-            and {k: v for k, v in json.load(open(key_path)).items() if k in key} == key)
-  if cached:
+  cached, = train_lib.primary_flags([
+      os.path.exists(key_path) and os.path.exists(theta_path) and os.path.exists(heads_path)
+      and {k: v for k, v in json.load(open(key_path)).items() if k in key} == key])
+  if cached:  # every process reads the shared cache (written by process 0)
     params0 = jax.tree.map(jnp.asarray, load_tree(theta_path))
     heads = {t: jnp.asarray(h) for t, h in load_tree(heads_path).items()}
   else:
     params0, heads = pretrain_offline_encoder(cfg, config.pretrain_steps), {}
-    save_tree(theta_path, params0)
-  missing = [name for name in tasks if name not in heads]
+    params0 = jax.tree.map(jnp.asarray, params0)
+    if train_lib.is_primary():
+      save_tree(theta_path, params0)
+  missing = [name for name, m in zip(tasks, train_lib.primary_flags(
+      [t not in heads for t in tasks])) if m]
   if missing:
     suite = Suite("offline", tasks, params0, {}, cfg)
     for name in missing:
       f, y = features_of(suite, params0, tasks[name], "train", config.eval_batch_size)
       heads[name] = heads_lib.fit_linear_head(jnp.asarray(f), jnp.asarray(y),
                                               tasks[name].num_classes)
-    save_tree(heads_path, heads)
-    with open(key_path, "w") as f:
-      json.dump(dict(key, tasks=sorted(heads)), f, indent=1)
+    heads.update(jax.tree.map(jnp.asarray, train_lib.broadcast_from_primary(
+        {name: heads[name] for name in missing})))
+    if train_lib.is_primary():
+      save_tree(heads_path, heads)
+      with open(key_path, "w") as f:
+        json.dump(dict(key, tasks=sorted(heads)), f, indent=1)
   return Suite("offline", tasks, params0, {t: heads[t] for t in tasks}, cfg,
                jnp.dtype(config.compute_dtype))

@@ -2,11 +2,12 @@
 the protocol's AdamW + warm-up/decay (cosine or linear) schedule, checkpoints, progress logs
 and ``fit``."""
 from saft_jax.train.checkpoint import Checkpointer
-from saft_jax.train.distributed import maybe_initialize_distributed
+from saft_jax.train.distributed import (barrier, broadcast_from_primary, is_primary,
+                                        maybe_initialize_distributed, primary_flags)
 from saft_jax.train.loop import FitResult, NonFiniteLossError, fit
 from saft_jax.train.losses import linearized_consts, linearized_loss, partitioned_loss
-from saft_jax.train.mesh import (DATA_AXIS, batch_sharding, make_mesh, replicate,
-                                 replicated_sharding, shard_batch)
+from saft_jax.train.mesh import (DATA_AXIS, batch_sharding, make_mesh, mesh_of, replicate,
+                                 replicated_sharding, shard_batch, to_host)
 from saft_jax.train.optimizer import make_base_optimizer
 from saft_jax.train.partition import combine, mask_from_predicate, partition
 from saft_jax.train.progress import MetricsWriter, Progress
@@ -19,7 +20,9 @@ from saft_jax.train.step import (cast_floating, evaluate, make_eval_step, make_s
                                  stacked_batch_sharding)
 
 __all__ = [
-    "Checkpointer", "DATA_AXIS", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
+    "Checkpointer", "DATA_AXIS", "barrier", "broadcast_from_primary", "is_primary", "mesh_of",
+    "primary_flags",
+    "to_host", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
     "StackedFitResult", "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit", "fit_stacked",
     "init_train_state", "linearized_consts", "linearized_loss", "make_base_optimizer",
     "make_eval_step", "make_stacked_eval_step", "make_stacked_train_step",

@@ -50,3 +50,43 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   else:
     jax.distributed.initialize(initialization_timeout=initialization_timeout)
   return True
+
+
+def is_primary() -> bool:
+  """Whether this process writes the shared files of a run (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reached ``barrier(name)`` (no-op with one process).
+
+  Used after process 0 wrote a shared file that the others read next.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_primary(tree):
+  """Process 0's values of a pytree of arrays on every process (NumPy leaves).
+
+  Every process must pass leaves of the same shapes and dtypes. With one process it
+  only converts the leaves to NumPy.
+  """
+  import numpy as np
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(
+      jax.tree.map(np.asarray, tree)))
+
+
+def primary_flags(flags) -> list[bool]:
+  """Process 0's values of the booleans ``flags`` on every process.
+
+  Decisions taken from a shared run directory (is this cache there, is this run
+  finished) must agree on every host, or the hosts run different collectives and hang.
+  """
+  import numpy as np
+  flags = np.asarray([bool(f) for f in flags], np.int32)
+  return [bool(f) for f in broadcast_from_primary(flags)] if flags.size else []

@@ -60,6 +60,33 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
+def to_host(tree: Any) -> Any:
+  """NumPy copies of the leaves of ``tree``, also of arrays spanning several processes.
+
+  A replicated global array gives its local copy; an array sharded over processes is
+  gathered (``process_allgather``), so every process gets the full value. Every process
+  must call this with the same tree (the gather is a collective).
+  """
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(get, tree)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh of the first leaf of ``tree`` placed with a ``NamedSharding``, else None."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
+
+
 def shard_batch(local_batch: Any, mesh: Mesh, data_axis: str = DATA_AXIS) -> Any:
   """Builds global arrays sharded on ``data_axis`` from this process's slice of the batch.
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from saft_jax.train.checkpoint import Checkpointer
 from saft_jax.train.loop import check_finite, next_batch
+from saft_jax.train.mesh import mesh_of, replicate
 from saft_jax.train.progress import MetricsWriter, Progress
 
 logger = logging.getLogger("saft_jax.train")
@@ -33,6 +34,12 @@ def _pick(better, new, old):
     mask = jnp.reshape(better, better.shape + (1,) * (n.ndim - 1))
     return jnp.where(mask, n, o)
   return jax.tree.map(one, new, old)
+
+
+def _like_state(x, mesh):
+  """``x`` replicated on ``mesh`` (the state's mesh; multi-process: a global array that
+  can be saved by orbax and combined with the state), or as is without a mesh."""
+  return jnp.asarray(x) if mesh is None else replicate(np.asarray(x), mesh)
 
 
 def _step_of(state) -> int:
@@ -59,8 +66,9 @@ def fit_stacked(train_step: Callable, state, frozen, batches_fn: Callable[[int],
       non-finite (the loss reported is that member's); the bad state is never saved.
   """
   members = jax.tree.leaves(state.params)[0].shape[0]
+  mesh = mesh_of(state)
   carry = {"state": state, "best_params": jax.tree.map(jnp.copy, state.params),
-           "best_score": jnp.full((members,), -jnp.inf, jnp.float32)}
+           "best_score": _like_state(np.full((members,), -np.inf, np.float32), mesh)}
   ckpt = (Checkpointer(checkpoint_dir, save_every=save_every, max_to_keep=1,
                        best_metric=best_metric, async_save=ckpt_async)
           if checkpoint_dir else None)
@@ -93,7 +101,7 @@ def fit_stacked(train_step: Callable, state, frozen, batches_fn: Callable[[int],
         result = eval_fn(state.params, frozen)
         if best_metric not in result:
           raise ValueError(f"eval_fn result lacks best_metric {best_metric!r}: {sorted(result)}")
-        score = jnp.asarray(result[best_metric], jnp.float32)
+        score = _like_state(np.asarray(result[best_metric], np.float32), mesh)
         better = score > carry["best_score"]
         carry = {"best_params": _pick(better, state.params, carry["best_params"]),
                  "best_score": jnp.where(better, score, carry["best_score"])}
