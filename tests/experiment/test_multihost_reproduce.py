@@ -203,8 +203,8 @@ RESUME_ARGS = ["-v", "reproduce", "--tasks", TASKS, "--steps", "4", "--finetunes
                "--safts", "none", "--merges", "task_arithmetic", "--set", "stack_runs=1",
                "--set", "pretrain_steps=4", "--set", "eval_every=2", "--set", "checkpoint_every=2",
                "--set", "batch_size=32", "--set", "eval_batch_size=128",
-               # Synchronous saves: with async ones the restarted 2-process run sometimes
-               # hung in orbax's finalize thread (see the report of issue 13).
+               # Synchronous saves (multi-process runs force them anyway): with async ones
+               # the restarted 2-process run once hung in orbax's finalize thread.
                "--set", "async_checkpoint=false"]
 
 
