@@ -93,12 +93,7 @@ class ByteVocab:
 
   def decode(self, ids) -> Union[str, List[str]]:
     """`decode_one` of a 1-D sequence, or the list of texts of a 2-D batch."""
-    arr = np.asarray(ids)
-    if arr.ndim == 1:
-      return self.decode_one(arr)
-    if arr.ndim == 2:
-      return [self.decode_one(row) for row in arr]
-    raise ValueError(f"ByteVocab.decode: ids must be 1-D or 2-D, got shape {arr.shape}")
+    return _decode(self, ids)
 
 
 # ----------------------------------------------------------------------------- words
@@ -180,12 +175,18 @@ class WordVocab:
 
   def decode(self, ids) -> Union[str, List[str]]:
     """`decode_one` of a 1-D sequence, or the list of texts of a 2-D batch."""
-    arr = np.asarray(ids)
-    if arr.ndim == 1:
-      return self.decode_one(arr)
-    if arr.ndim == 2:
-      return [self.decode_one(row) for row in arr]
-    raise ValueError(f"WordVocab.decode: ids must be 1-D or 2-D, got shape {arr.shape}")
+    return _decode(self, ids)
+
+
+def _decode(vocab, ids) -> Union[str, List[str]]:
+  """`vocab.decode_one` of a 1-D sequence, or the list of texts of a 2-D batch."""
+  arr = np.asarray(ids)
+  if arr.ndim == 1:
+    return vocab.decode_one(arr)
+  if arr.ndim == 2:
+    return [vocab.decode_one(row) for row in arr]
+  raise ValueError(f"{type(vocab).__name__}.decode: ids must be 1-D or 2-D, got shape "
+                   f"{arr.shape}")
 
 
 def _pack(rows: List[List[int]], max_len: int, add_eos: bool) -> Tuple[np.ndarray, np.ndarray]:
