@@ -34,6 +34,9 @@ from saft_jax.models import load as load_lib
 from saft_jax.models.configs import CLIPConfig, with_act
 
 FORMATS = ("hf", "open_clip", "safetensors", "orbax")
+# Hugging Face sharded safetensors directories (any model family): merged by streaming,
+# written in the base's shard layout with its index and config.
+SHARDED = "hf_sharded"
 CLIP_FORMATS = ("hf", "open_clip")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -57,7 +60,7 @@ class Checkpoint:
   @property
   def streamable(self) -> bool:
     """Whether :func:`saft_jax.merging.stream_merge` can read it tensor by tensor."""
-    return self.format == "orbax" or self.weights.endswith(".safetensors")
+    return self.format in ("orbax", SHARDED) or self.weights.endswith(".safetensors")
 
   @property
   def is_dir(self) -> bool:
@@ -82,14 +85,16 @@ def detect_checkpoint(path: str) -> Checkpoint:
     raise FileNotFoundError(f"checkpoint not found: {path!r}")
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "_METADATA")):
     return Checkpoint(path, "orbax", path)
+  if os.path.isdir(path) and any(n.endswith(".safetensors.index.json") for n in os.listdir(path)):
+    return Checkpoint(path, SHARDED, path)
   if os.path.isdir(path):
     fmt = load_lib.detect_format(path)  # ValueError for an unknown directory
     if fmt == "hf":
       weights = next((os.path.join(path, n) for n in _HF_WEIGHT_FILES[:2]
                       if os.path.isfile(os.path.join(path, n))), None)
       if weights is None:
-        raise ValueError(f"{path!r}: a Hugging Face directory without model.safetensors or "
-                         "pytorch_model.bin (sharded checkpoints are not supported)")
+        raise ValueError(f"{path!r}: a Hugging Face directory without model.safetensors, "
+                         "pytorch_model.bin or a model.safetensors.index.json")
       return Checkpoint(path, "hf", weights)
     return Checkpoint(path, "open_clip", convert_open_clip.find_weights(path))
   if path.endswith(".safetensors"):

@@ -233,7 +233,13 @@ def _plan(spec: MergeSpec) -> _Plan:
   params = mm.apply_weights(spec.method, params, spec.weights, len(models))
   ref = base or models[0]
   out_format = spec.format or ref.format
-  if out_format not in ck.FORMATS:
+  if ref.format == ck.SHARDED and (out_format != ck.SHARDED or not method.streaming
+                                   or spec.streaming is False):
+    raise ValueError(f"{ref.path!r} is a sharded Hugging Face checkpoint: it is merged by "
+                     "streaming only, into the same sharded layout (methods: "
+                     f"{', '.join(m.name for m in mm.METHODS.values() if m.streaming)}; no "
+                     "--format, no --no-stream)")
+  if out_format not in ck.FORMATS + (ck.SHARDED,):
     raise ValueError(f"unknown output format {out_format!r}; known: {', '.join(ck.FORMATS)}")
   _check_conversion(ref, out_format, spec.act)
   reasons = []
@@ -273,7 +279,7 @@ def _stream(plan: _Plan, out: str, weights) -> Dict[str, Any]:
   total = passes * sum(ck.size_bytes(c) for c in [ref] + plan.models)
   progress = progress_lib.ByteProgress(f"merge ({method}, streaming)", total)
   target = ck.weights_path(ref, out)
-  if ref.is_dir and ref.format != "orbax":
+  if ref.is_dir and ref.format not in ("orbax", ck.SHARDED):  # sharded: stream_merge copies
     ck.copy_side_files(ref, out)
   with progress_lib.watch_reads(progress):
     stats = merging.stream_merge(ref.weights, [m.weights for m in plan.models], target,
