@@ -151,7 +151,28 @@ def bench_ties(args, width, layers, tasks, with_numpy=True):
 
 
 # ---------------------------------------------------------------------------- streaming
-_STREAM_CHILD = textwrap.dedent("""
+# Prelude of the child scripts: `with_peak_rss(fn)` -> (RSS before, peak RSS during, fn()),
+# the peak sampled every 2 ms by a thread.
+_RSS_PRELUDE = textwrap.dedent("""
+    import threading, time
+    def _rss():
+      for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+          return int(line.split()[1]) * 1024
+    def with_peak_rss(fn):
+      base, peak, stop = _rss(), [0], [False]
+      def sample():
+        while not stop[0]:
+          peak[0] = max(peak[0], _rss()); time.sleep(0.002)
+      th = threading.Thread(target=sample); th.start()
+      try:
+        out = fn()
+      finally:
+        stop[0] = True; th.join()
+      return base, peak[0], out
+""")
+
+_STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
     import json, sys, threading, time
     import numpy as np
     d, t, what, repeats = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -178,20 +199,13 @@ _STREAM_CHILD = textwrap.dedent("""
       return m.stream_merge(files[0], files[1:], f"{d}/out_{what}.safetensors", what,
                             lam=0.3, k=0.2, overwrite=True)
     run()  # warm-up: compilation, page cache
-    def rss():
-      for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-          return int(line.split()[1]) * 1024
-    base, peak, stop = rss(), [0], [False]
-    def sample():
-      while not stop[0]:
-        peak[0] = max(peak[0], rss()); time.sleep(0.002)
-    th = threading.Thread(target=sample); th.start()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter(); st = run(); times.append(time.perf_counter() - t0)
-    stop[0] = True; th.join()
-    print(json.dumps({"base": base, "peak": peak[0], "best": min(times),
+    def timed():
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter(); st = run(); times.append(time.perf_counter() - t0)
+      return times, st
+    base, peak, (times, st) = with_peak_rss(timed)
+    print(json.dumps({"base": base, "peak": peak, "best": min(times),
                       "median": float(np.median(times)), **st}))
 """)
 
@@ -263,7 +277,7 @@ def bench_stream(args):
 
 
 # --------------------------------------------------------------------- tiny Llama shards
-_LLAMA_CHILD = textwrap.dedent("""
+_LLAMA_CHILD = _RSS_PRELUDE + textwrap.dedent("""
     import json, sys, time, threading
     d, t, what, trim, warm = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     from saft_jax import merging as m
@@ -272,18 +286,10 @@ _LLAMA_CHILD = textwrap.dedent("""
                             what, lam=0.3, k=0.2, trim=trim, overwrite=True)
     if warm == "1":
       run()
-    def rss():
-      for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-          return int(line.split()[1]) * 1024
-    base, peak, stop = rss(), [0], [False]
-    def sample():
-      while not stop[0]:
-        peak[0] = max(peak[0], rss()); time.sleep(0.002)
-    th = threading.Thread(target=sample); th.start()
-    t0 = time.perf_counter(); run(); dt = time.perf_counter() - t0
-    stop[0] = True; th.join()
-    print(json.dumps({"seconds": dt, "peak": peak[0], "base": base}))
+    def timed():
+      t0 = time.perf_counter(); run(); return time.perf_counter() - t0
+    base, peak, dt = with_peak_rss(timed)
+    print(json.dumps({"seconds": dt, "peak": peak, "base": base}))
 """)
 
 
