@@ -184,8 +184,13 @@ def theta0_key(config) -> dict:
                                if k in _THETA0_FIELDS or k.startswith("pretrain_")})
 
 
-def _offline_theta0(config, cfg, vocab, cache_dir: str):
-  """θ0 of the ``text`` suite: pre-trained once, then read from ``cache_dir``."""
+def _offline_theta0(config, cfg, vocab, cache_dir: str, tasks: dict):
+  """θ0 of the ``text`` suite: pre-trained once, then read from ``cache_dir``.
+
+  ``tasks`` are the suite's built tasks; pre-training excludes the inputs of all four
+  tasks, so the ones not selected are built here (each task depends only on the seed,
+  sizes and level, not on which others are built).
+  """
   from saft_jax.experiment.text_pretrain import pretrain_text_t5
   key = json.loads(json.dumps(theta0_key(config)))  # tuples as lists, as read back
   theta_path = os.path.join(cache_dir, "theta0.msgpack")
@@ -195,8 +200,9 @@ def _offline_theta0(config, cfg, vocab, cache_dir: str):
     return jax.tree.map(jnp.asarray, load_tree(theta_path))
   if config.text.pretrain_steps > 0:
     logger.info("text suite: pre-training θ0 (%d steps)", config.text.pretrain_steps)
-    every_task = text_offline.offline_text_suite(seed=0, sizes=config.text.sizes,
-                                                 level=config.text.level)
+    others = [t for t in TEXT_TASKS if t not in tasks]
+    every_task = dict(tasks, **text_offline.offline_text_suite(
+        seed=0, sizes=config.text.sizes, tasks=others, level=config.text.level))
     exclude = {x for task in every_task.values() for split in text_tasks.SPLITS
                for x in task.inputs(split)}
     params0 = pretrain_text_t5(cfg, vocab, config.text, seed=0, exclude=exclude)
@@ -216,7 +222,7 @@ def build_offline_text_suite(config, cache_dir: str) -> TextSuite:
                                           tasks=_task_names(config, TEXT_TASKS), level=text.level)
   vocab = offline_vocab(text)
   cfg = offline_t5_config(text, vocab)
-  params0 = _offline_theta0(config, cfg, vocab, cache_dir)
+  params0 = _offline_theta0(config, cfg, vocab, cache_dir, tasks)
   return TextSuite("text", tasks, params0, cfg, vocab, text.max_input_len, text.max_target_len,
                    text.score, jnp.dtype(text.compute_dtype))
 
