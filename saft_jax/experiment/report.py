@@ -35,8 +35,13 @@ SCORE_TEXT = {
             "log-probability among the task's label words)",
 }
 FINETUNE_NAMES = {"sgd": "SGD", "ftts": "FTTS", "ftlo": "FTLO"}
+# Display names, in the order of the tables (config.ALL_MERGES).
 MERGE_NAMES = {"weight_average": "weight averaging", "task_arithmetic": "task arithmetic",
-               "ties": "TIES"}
+               "ties": "TIES", "dare_ties": "DARE-TIES", "breadcrumbs": "Breadcrumbs",
+               "magmax": "MagMax", "consensus": "TA-Consensus",
+               "consensus_ties": "TIES-Consensus", "tsv_m": "TSV-M", "iso_c": "Iso-C",
+               "fisher": "Fisher merging", "regmean": "RegMean",
+               "adamerging": "AdaMerging (layer-wise)"}
 
 
 def method_label(finetune: str, saft: str) -> str:

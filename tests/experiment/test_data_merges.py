@@ -50,6 +50,13 @@ def test_records_of_data_merges(run_dir):
   md = open(os.path.join(run_dir, "results.md")).read()
   assert "## Data-driven merges" in md
   assert "unlabeled test images" in md and "validation images" in md
+  for name in ("Fisher merging", "RegMean", "AdaMerging (layer-wise)"):
+    assert f"| {name} |" in md  # the tables' rows have display names
+
+
+def test_every_merge_has_a_display_name():
+  from saft_jax.experiment import report
+  assert list(report.MERGE_NAMES) == list(config_lib.ALL_MERGES)
 
 
 def test_regmean_records_match_a_recomputation(run_dir):
