@@ -1,7 +1,8 @@
 """``saft reproduce`` as 2 processes x 2 CPU devices (loopback, gloo) == 1 process x 4.
 
 One group of three processes (the single-process run and the two processes of the
-multi-process run, side by side) runs a tiny offline job; the tests then compare:
+multi-process run, side by side) runs a tiny offline job with SGD, FTTS (linearized) and
+FTLO fine-tuning; the tests then compare:
 
 * ``results.json``: the same records; every accuracy within 0.02. The remaining
   differences are float rounding only: the cross-process all-reduce of the gradients
@@ -29,9 +30,10 @@ from saft_jax.experiment.store import load_tree
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce_worker.py")
 PYTHON = (sys.executable, "-X", "faulthandler", WORKER)
-TIMEOUT = 600  # seconds for the whole group (about a minute on an idle 2-core machine)
+TIMEOUT = 900  # seconds for the whole group (about two minutes on an idle 2-core machine)
 TASKS = "digits,rot90"
-ARGS = ["reproduce", "--tasks", TASKS, "--steps", "4", "--finetunes", "sgd",
+FINETUNES = ("sgd", "ftts", "ftlo")
+ARGS = ["reproduce", "--tasks", TASKS, "--steps", "4", "--finetunes", ",".join(FINETUNES),
         "--safts", "none", "--merges", "task_arithmetic",
         "--set", "pretrain_steps=4", "--set", "eval_every=2", "--set", "checkpoint_every=2",
         "--set", "batch_size=32", "--set", "eval_batch_size=128"]
@@ -113,7 +115,8 @@ def _key(r):
 def test_results_equal_one_process(runs):
   tmp, _ = runs
   one, two = _records(tmp / "single" / "results.json"), _records(tmp / "multi" / "results.json")
-  assert len(one) == 2 * 3 == len(two)  # tasks x protocols
+  assert len(one) == len(FINETUNES) * 2 * 3 == len(two)  # methods x tasks x protocols
+  assert {r["finetune"] for r in two} == set(FINETUNES)
   assert [_key(r) for r in one] == [_key(r) for r in two]
   worst = 0.0
   for a, b in zip(one, two):
