@@ -153,7 +153,13 @@ class ReproduceConfig:
     compute_dtype: "float32" or "bfloat16" (params stay float32); vision suites (the text
       suites use ``text.compute_dtype``).
     mesh_shape: devices along the ``data`` axis (``None``: all devices if there are
-      several; ``1``: a single device without sharding annotations).
+      several, divided by ``model_axis``; ``1``: a single device without sharding
+      annotations).
+    model_axis: devices along a ``model`` mesh axis that the large parameters and their
+      optimizer state are split over (FSDP, :mod:`saft_jax.train.fsdp`); the ``data``
+      axis gets the remaining devices. ``1``: a data-only mesh, parameters replicated.
+      Must divide the device count. Vision and text suites; same numbers up to float
+      rounding.
     optim: optimizer settings.
     augment: data augmentation during fine-tuning (offline suite: 1-pixel shifts).
     clip_checkpoint: CLIP suite: path of the open_clip / Hugging Face checkpoint.
@@ -190,6 +196,7 @@ class ReproduceConfig:
   checkpoint_every: int = 500
   compute_dtype: str = "float32"
   mesh_shape: Optional[int] = None
+  model_axis: int = 1
   optim: OptimConfig = OptimConfig()
   augment: bool = False
   clip_checkpoint: Optional[str] = None
@@ -213,6 +220,13 @@ class ReproduceConfig:
         raise ValueError(f"{name}: unknown or empty {bad or values}; known: {known}")
     if self.stack_runs < 0:
       raise ValueError(f"stack_runs must be >= 0 (0: all runs together), got {self.stack_runs}")
+    if (isinstance(self.model_axis, bool) or not isinstance(self.model_axis, int)
+        or self.model_axis < 1):
+      raise ValueError(f"model_axis must be a positive int (devices along the mesh's 'model' "
+                       f"axis; 1: parameters replicated), got {self.model_axis!r}")
+    if self.model_axis > 1 and self.mesh_shape == 1:
+      raise ValueError(f"model_axis={self.model_axis} needs a device mesh, but mesh_shape=1 "
+                       "runs on a single device without sharding; set mesh_shape=none")
     if self.steps <= 0 or self.batch_size <= 0 or self.accum_steps <= 0:
       raise ValueError("steps, batch_size and accum_steps must be positive")
     if self.batch_size % self.accum_steps:

@@ -140,15 +140,27 @@ def _fit_options(config, run_dir: str) -> dict:
               ckpt_async=config.async_checkpoint and jax.process_count() == 1)
 
 
+def place_on_mesh(tree, mesh, *, leading_axes: int = 0):
+  """``tree`` on ``mesh``: split over its ``model`` axis by the FSDP rule when it has one
+  (:func:`saft_jax.train.shard_params`), else replicated; unchanged without a mesh."""
+  if mesh is None:
+    return tree
+  if train_lib.has_model_axis(mesh):
+    return train_lib.shard_params(tree, mesh, leading_axes=leading_axes)
+  return train_lib.replicate(tree, mesh)
+
+
 def finetune_task(suite, task_name: str, finetune: str, saft: str, seed: int, config,
                   run_dir: str, *, mesh=None):
-  """Fine-tunes θ0 on one task; returns ``(task_vector, best_val_metrics)``."""
+  """Fine-tunes θ0 on one task; returns ``(task_vector, best_val_metrics)``.
+
+  On a mesh with a ``model`` axis the trainable params, their optimizer state and the
+  frozen tree (θ0 for FTTS, the frozen leaves for FTLO) are split over it (FSDP).
+  """
   task, head = suite.tasks[task_name], suite.heads[task_name]
   tx, step, eval_step, trainable, make_frozen = _program(suite, finetune, saft, config, mesh)
-  frozen = make_frozen(head)
   state = train_lib.init_train_state(trainable, tx, mesh=mesh)
-  if mesh is not None:
-    frozen = train_lib.replicate(frozen, mesh)
+  frozen = place_on_mesh(make_frozen(head), mesh)
   shard = (lambda it: (train_lib.shard_batch(b, mesh) for b in it)) if mesh is not None else (
       lambda it: it)
 
@@ -213,7 +225,8 @@ def finetune_stacked(suite, members, finetune: str, saft: str, config, group_dir
 
   Returns ``[(task_vector, best_val_metrics)]`` in the order of ``members``; each run
   equals :func:`finetune_task` on its own (same batches, schedule and best-checkpoint
-  rule) up to float rounding. The group resumes from ``group_dir/ckpt``.
+  rule) up to float rounding. The group resumes from ``group_dir/ckpt``. On a mesh with
+  a ``model`` axis the stacked state is split over it as in :func:`finetune_task`.
   """
   members = [(t, int(s)) for t, s in members]
   if not members:
@@ -229,8 +242,8 @@ def finetune_stacked(suite, members, finetune: str, saft: str, config, group_dir
   put = (lambda b: b) if mesh is None else (
       lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
           train_lib.stacked_batch_sharding(mesh), np.asarray(x)), b))
-  if mesh is not None:
-    state, frozen = train_lib.replicate(state, mesh), train_lib.replicate(frozen, mesh)
+  # A model axis splits each member's large leaves (never the member axis) and θ0.
+  state, frozen = place_on_mesh(state, mesh, leading_axes=1), place_on_mesh(frozen, mesh)
 
   def eval_fn(params, frozen):
     return train_lib.evaluate(eval_step, params, frozen,

@@ -260,22 +260,47 @@ def make_counters(suite):
           "linear": linear}
 
 
+def fsdp_mesh_shape(config, device_count: int) -> tuple[int, int]:
+  """The ``(data, model)`` mesh shape of ``config`` (``model_axis`` > 1) on
+  ``device_count`` devices.
+
+  Raises:
+    ValueError: ``model_axis`` does not divide ``device_count``, or ``mesh_shape`` (the
+      ``data`` axis) times ``model_axis`` is not ``device_count``.
+  """
+  model = config.model_axis
+  if device_count % model:
+    raise ValueError(f"model_axis={model} does not divide the {device_count} devices; use "
+                     f"a divisor of {device_count} (1: parameters replicated)")
+  data = device_count // model
+  if config.mesh_shape is not None and config.mesh_shape != data:
+    raise ValueError(f"mesh_shape={config.mesh_shape} (devices on the 'data' axis) times "
+                     f"model_axis={model} is not the {device_count} devices; set "
+                     f"mesh_shape=none (then the 'data' axis gets {data})")
+  return data, model
+
+
 def make_run_mesh(config):
   """Batches are sharded over all devices (all processes) on the mesh's ``data`` axis.
-  ``mesh_shape`` None: all devices when there are several; 1: one device, no sharding."""
+  ``mesh_shape`` None: all devices when there are several; 1: one device, no sharding.
+  ``model_axis`` > 1: a ``("data", "model")`` mesh (see :func:`fsdp_mesh_shape`) whose
+  ``model`` axis the parameters are sharded over (FSDP); batches are sharded on ``data``."""
+  if config.model_axis > 1:
+    return train_lib.make_mesh(fsdp_mesh_shape(config, jax.device_count()),
+                               (train_lib.DATA_AXIS, train_lib.MODEL_AXIS))
   use_mesh = config.mesh_shape != 1 and (config.mesh_shape or jax.device_count() > 1)
   return train_lib.make_mesh((config.mesh_shape or -1,)) if use_mesh else None
 
 
 def reproduce(config, out_dir: str) -> list[dict]:
   """Runs the whole grid of ``config`` and writes the results into ``out_dir``."""
+  mesh = make_run_mesh(config)  # first: a bad mesh setting fails before anything is written
   os.makedirs(out_dir, exist_ok=True)
   if train_lib.is_primary():  # shared files of the run: written by process 0 only
     with open(os.path.join(out_dir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1, default=str)
   t_start = time.time()
   suite = build_suite(config, out_dir)
-  mesh = make_run_mesh(config)
   counters = make_counters(suite)
   records, regime = [], {}
   for finetune in config.finetunes:

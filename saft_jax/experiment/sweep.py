@@ -39,7 +39,8 @@ logger = logging.getLogger("saft_jax.experiment")
 
 # Config fields that never change a fine-tuning run (what is merged, reported, evaluated).
 _NOT_TRAINING = ("tasks", "finetunes", "safts", "merges", "protocols", "seeds",
-                 "eval_batch_size", "async_checkpoint", "mesh_shape", "stack_runs")
+                 "eval_batch_size", "async_checkpoint", "mesh_shape", "model_axis",
+                 "stack_runs")
 # Sharpness fields of OptimConfig, and the settings that read them.
 _SHARPNESS = {"sam_rho": ("sam",), "asam_rho": ("asam",), "asam_eta": ("asam",)}
 _SUITE_FIELDS = ("suite", "tasks", "pretrain_steps", "clip_checkpoint", "tokenizer_dir",

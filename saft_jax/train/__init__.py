@@ -1,9 +1,11 @@
-"""Training: sharded jitted steps (SGD / FTTS / FTLO × any optax or SAM-family transform),
-the protocol's AdamW + warm-up/decay (cosine or linear) schedule, checkpoints, progress logs
-and ``fit``."""
+"""Training: sharded jitted steps (SGD / FTTS / FTLO × any optax or SAM-family transform;
+data-parallel, optionally FSDP over a ``model`` mesh axis), the protocol's AdamW +
+warm-up/decay (cosine or linear) schedule, checkpoints, progress logs and ``fit``."""
 from saft_jax.train.checkpoint import Checkpointer
 from saft_jax.train.distributed import (barrier, broadcast_from_primary, is_primary,
                                         maybe_initialize_distributed, primary_flags)
+from saft_jax.train.fsdp import (MIN_SHARD_SIZE, MODEL_AXIS, has_model_axis, param_sharding,
+                                 param_spec, shard_params)
 from saft_jax.train.loop import FitResult, NonFiniteLossError, fit
 from saft_jax.train.losses import linearized_consts, linearized_loss, partitioned_loss
 from saft_jax.train.mesh import (DATA_AXIS, batch_sharding, make_mesh, mesh_of, replicate,
@@ -20,7 +22,8 @@ from saft_jax.train.step import (cast_floating, evaluate, make_eval_step, make_s
                                  stacked_batch_sharding)
 
 __all__ = [
-    "Checkpointer", "DATA_AXIS", "barrier", "broadcast_from_primary", "is_primary", "mesh_of",
+    "Checkpointer", "DATA_AXIS", "MIN_SHARD_SIZE", "MODEL_AXIS", "has_model_axis",
+    "param_sharding", "param_spec", "shard_params", "barrier", "broadcast_from_primary", "is_primary", "mesh_of",
     "primary_flags",
     "to_host", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
     "StackedFitResult", "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit", "fit_stacked",

@@ -1,4 +1,5 @@
-"""Device mesh and data placement: batch sharded on the ``data`` axis, params replicated."""
+"""Device mesh and data placement: batch sharded on the ``data`` axis, params replicated
+(params split over a ``model`` axis: :mod:`saft_jax.train.fsdp`)."""
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -1,7 +1,10 @@
 """Jitted train and eval steps over a device mesh.
 
 ``step(state, frozen, batch) -> (state, metrics)``: the batch is sharded on the mesh's
-``data`` axis, state and frozen are replicated, the state buffers are donated.
+``data`` axis, state and frozen are replicated, the state buffers are donated. On a mesh
+with a ``model`` axis (FSDP, :mod:`saft_jax.train.fsdp`) state and frozen keep the
+shardings they come with (the new state gets the old state's shardings); the batch is
+still sharded on ``data`` only.
 The optimizer is always called as ``tx.update(grads, opt_state, params, grad_fn=grad_fn)``
 where ``grad_fn(params)`` is the gradient of the mean loss on the SAME batch (over all
 micro-batches), so sharpness-aware transforms see the full-batch gradient at both points.
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from saft_jax.train import fsdp
 from saft_jax.train import mesh as mesh_lib
 from saft_jax.train.state import TrainState
 
@@ -77,6 +81,47 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+class _FollowInputs:
+  """``fn(state_or_params, frozen, batch)`` jitted on a mesh with a model axis, with the
+  input shardings of the first two arguments taken from the arguments themselves.
+
+  Leaves already placed on ``mesh`` keep their sharding; other leaves of the first
+  argument get :func:`fsdp.param_sharding`'s, other leaves of ``frozen`` are replicated.
+  With ``returns_state`` the output is ``(new_state, metrics)`` and the new state gets
+  the input state's shardings (so donated buffers are reused); metrics are replicated.
+  One executable is compiled per distinct set of input shardings.
+  """
+
+  def __init__(self, fn, mesh, batch_sharding, *, returns_state: bool, donate: bool,
+               model_axis: str, leading_axes: int):
+    self._fn, self._mesh, self._batch = fn, mesh, batch_sharding
+    self._returns_state, self._donate = returns_state, donate
+    self._model_axis, self._leading = model_axis, leading_axes
+    self._compiled = {}
+
+  def shardings(self, first, frozen):
+    """``(first_shardings, frozen_shardings)`` the call would use for these arguments."""
+    mesh, axis = self._mesh, self._model_axis
+    rule = lambda x: jax.sharding.NamedSharding(mesh, fsdp.param_spec(
+        np.shape(x), mesh.shape[axis], axis, leading_axes=self._leading))
+    repl = mesh_lib.replicated_sharding(mesh)
+    return (fsdp.shardings_like(first, mesh, rule),
+            fsdp.shardings_like(frozen, mesh, lambda _: repl))
+
+  def __call__(self, first, frozen, batch):
+    first_sh, frozen_sh = self.shardings(first, frozen)
+    key = (jax.tree.structure(first_sh), tuple(jax.tree.leaves(first_sh)),
+           jax.tree.structure(frozen_sh), tuple(jax.tree.leaves(frozen_sh)))
+    jitted = self._compiled.get(key)
+    if jitted is None:
+      repl = mesh_lib.replicated_sharding(self._mesh)
+      jitted = self._compiled[key] = jax.jit(
+          self._fn, in_shardings=(first_sh, frozen_sh, self._batch),
+          out_shardings=(first_sh, repl) if self._returns_state else repl,
+          donate_argnums=(0,) if self._donate else ())
+    return jitted(first, frozen, batch)
+
+
 def _step_body(loss_fn: LossFn, tx, accum_steps: int, compute_dtype, lr_schedule, mesh,
                data_axis: str):
   """The un-jitted ``step(state, frozen, batch) -> (state, metrics)`` (see make_train_step)."""
@@ -114,7 +159,8 @@ def _step_body(loss_fn: LossFn, tx, accum_steps: int, compute_dtype, lr_schedule
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=None,
                     accum_steps: int = 1, donate: bool = True, compute_dtype=None,
-                    lr_schedule: Callable | None = None, data_axis: str = mesh_lib.DATA_AXIS):
+                    lr_schedule: Callable | None = None, data_axis: str = mesh_lib.DATA_AXIS,
+                    model_axis: str = fsdp.MODEL_AXIS):
   """Builds the jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
   Args:
@@ -124,11 +170,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=N
       It is called ``tx.update(grads, opt_state, params, grad_fn=grad_fn)``.
     mesh: a ``jax.sharding.Mesh``; the batch is sharded on ``data_axis``, state and
       frozen are replicated. ``None``: plain ``jax.jit`` (no sharding annotations).
+      A mesh with ``model_axis`` (FSDP): state and frozen keep the shardings they are
+      passed with (e.g. from :func:`init_train_state` / :func:`fsdp.shard_params`;
+      unplaced state leaves get :func:`fsdp.param_sharding`'s, unplaced frozen leaves
+      are replicated), and the returned state has the input state's shardings.
     accum_steps: micro-batches per step (gradient accumulation with ``lax.scan``).
     donate: donate the input state's buffers.
     compute_dtype: e.g. ``jnp.bfloat16``: trainable and frozen floating leaves are cast
       to it inside the loss; parameters, optimizer state and gradients stay f32.
     lr_schedule: optional ``count -> lr`` reported as ``metrics["lr"]``.
+    data_axis: the mesh axis the batch is sharded on.
+    model_axis: the mesh axis parameters may be sharded on (FSDP).
 
   Returns:
     The jitted step. ``metrics`` holds ``loss``, ``grad_norm`` (clean gradient),
@@ -138,6 +190,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh=N
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
+  if fsdp.has_model_axis(mesh, model_axis):
+    return _FollowInputs(step, mesh, mesh_lib.batch_sharding(mesh, data_axis),
+                         returns_state=True, donate=donate, model_axis=model_axis,
+                         leading_axes=0)
   repl = mesh_lib.replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh, data_axis)),
                  out_shardings=(repl, repl), donate_argnums=donate_argnums)
@@ -152,7 +208,8 @@ def stacked_batch_sharding(mesh, data_axis: str = mesh_lib.DATA_AXIS):
 def make_stacked_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                             frozen_axes: Any = 0, mesh=None, accum_steps: int = 1,
                             donate: bool = True, compute_dtype=None,
-                            data_axis: str = mesh_lib.DATA_AXIS):
+                            data_axis: str = mesh_lib.DATA_AXIS,
+                            model_axis: str = fsdp.MODEL_AXIS):
   """Like :func:`make_train_step` for ``M`` independent runs trained in one program.
 
   ``jax.vmap`` of the same step over a leading *member* axis: every leaf of the state
@@ -160,13 +217,19 @@ def make_stacked_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *
   gradient norms and SAM perturbation, its own optimizer state), ``frozen`` is mapped
   according to ``frozen_axes`` (a ``vmap`` ``in_axes`` prefix: ``0`` for per-member
   leaves, ``None`` for leaves shared by every member, e.g. θ0). Metrics are ``[M]``.
-  On a mesh the per-member batch axis (axis 1) is sharded on ``data_axis``.
+  On a mesh the per-member batch axis (axis 1) is sharded on ``data_axis``; on a mesh
+  with ``model_axis`` the state keeps its input shardings as in :func:`make_train_step`
+  (unplaced leaves: :func:`fsdp.param_sharding` with the member axis never sharded).
   """
   step = _step_body(loss_fn, tx, accum_steps, compute_dtype, None, mesh, data_axis)
   stacked = jax.vmap(step, in_axes=(0, frozen_axes, 0))
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(stacked, donate_argnums=donate_argnums)
+  if fsdp.has_model_axis(mesh, model_axis):
+    return _FollowInputs(stacked, mesh, stacked_batch_sharding(mesh, data_axis),
+                         returns_state=True, donate=donate, model_axis=model_axis,
+                         leading_axes=1)
   repl = mesh_lib.replicated_sharding(mesh)
   return jax.jit(stacked, in_shardings=(repl, repl, stacked_batch_sharding(mesh, data_axis)),
                  out_shardings=(repl, repl), donate_argnums=donate_argnums)
@@ -181,25 +244,35 @@ def _eval_body(metric_fn, compute_dtype):
 
 
 def make_eval_step(metric_fn: Callable[[Any, Any, Any], dict], *, mesh=None, compute_dtype=None,
-                   data_axis: str = mesh_lib.DATA_AXIS):
+                   data_axis: str = mesh_lib.DATA_AXIS, model_axis: str = fsdp.MODEL_AXIS):
   """Jitted ``eval_step(params, frozen, batch) -> dict`` of per-batch SUMS
   (e.g. ``{"correct": ..., "count": ..., "loss_sum": ...}``) from
-  ``metric_fn(trainable, frozen, batch)``."""
+  ``metric_fn(trainable, frozen, batch)``. On a mesh with ``model_axis``, params and
+  frozen keep the shardings they are passed with (see :func:`make_train_step`)."""
   eval_step = _eval_body(metric_fn, compute_dtype)
   if mesh is None:
     return jax.jit(eval_step)
+  if fsdp.has_model_axis(mesh, model_axis):
+    return _FollowInputs(eval_step, mesh, mesh_lib.batch_sharding(mesh, data_axis),
+                         returns_state=False, donate=False, model_axis=model_axis,
+                         leading_axes=0)
   repl = mesh_lib.replicated_sharding(mesh)
   return jax.jit(eval_step, in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh, data_axis)),
                  out_shardings=repl)
 
 
 def make_stacked_eval_step(metric_fn: Callable[[Any, Any, Any], dict], *, frozen_axes: Any = 0,
-                           mesh=None, compute_dtype=None, data_axis: str = mesh_lib.DATA_AXIS):
+                           mesh=None, compute_dtype=None, data_axis: str = mesh_lib.DATA_AXIS,
+                           model_axis: str = fsdp.MODEL_AXIS):
   """:func:`make_eval_step` vmapped over a leading member axis (see
   :func:`make_stacked_train_step`); every output is ``[M]``."""
   stacked = jax.vmap(_eval_body(metric_fn, compute_dtype), in_axes=(0, frozen_axes, 0))
   if mesh is None:
     return jax.jit(stacked)
+  if fsdp.has_model_axis(mesh, model_axis):
+    return _FollowInputs(stacked, mesh, stacked_batch_sharding(mesh, data_axis),
+                         returns_state=False, donate=False, model_axis=model_axis,
+                         leading_axes=1)
   repl = mesh_lib.replicated_sharding(mesh)
   return jax.jit(stacked, in_shardings=(repl, repl, stacked_batch_sharding(mesh, data_axis)),
                  out_shardings=repl)

@@ -124,6 +124,18 @@ def _settings(spec: FinetuneSpec) -> Dict[str, Any]:
           "config": json.loads(json.dumps(dataclasses.asdict(spec.config), default=str))}
 
 
+def _fill_new_fields(previous: Dict[str, Any], settings: Dict[str, Any]) -> None:
+  """A run.json written before a config field existed: that field had its default, so a
+  rerun that leaves it at the default resumes (fills ``previous`` in place)."""
+  config = previous.get("config")
+  if not isinstance(config, dict):
+    return
+  for field in dataclasses.fields(config_lib.ReproduceConfig):
+    if (field.name not in config and field.default is not dataclasses.MISSING
+        and settings["config"].get(field.name) == field.default):
+      config[field.name] = field.default
+
+
 def _prepare_out(spec: FinetuneSpec) -> None:
   """Creates OUT with run.json; resumes a run with the same settings; refuses another."""
   path = os.path.join(spec.out, "run.json")
@@ -132,6 +144,7 @@ def _prepare_out(spec: FinetuneSpec) -> None:
     previous = json.load(open(path)) if os.path.exists(path) else None
     if previous is not None:
       previous.pop("suite_cache", None)
+      _fill_new_fields(previous, settings)
     if previous != settings:
       what = ("another run" if previous else "other files")
       raise FileExistsError(f"output {spec.out!r} holds {what}: choose another --out or pass "

@@ -103,6 +103,25 @@ def test_rerun_resumes_and_other_settings_are_refused(runs, ft_digits, capsys):
   assert err.startswith("saft finetune: error: ") and "holds another run" in err
 
 
+def test_run_from_before_a_new_config_field_resumes(runs, ft_digits, capsys):
+  """A run.json without a newer field (here ``model_axis``) resumes when the field is at
+  its default, and is refused when the rerun sets it otherwise."""
+  d = runs / "ft_digits_old"
+  shutil.copytree(ft_digits, d)
+  settings = json.load(open(d / "run.json"))
+  del settings["config"]["model_axis"]
+  json.dump(settings, open(d / "run.json", "w"))
+  mtime = os.path.getmtime(d / "task_vector.msgpack")
+  assert _run("finetune", "--task", "digits", "--saft", "none", *_sets(), "--cache",
+              runs / "cache", "--out", d) == 0
+  assert os.path.getmtime(d / "task_vector.msgpack") == mtime
+  json.dump(settings, open(d / "run.json", "w"))
+  assert _run("finetune", "--task", "digits", "--saft", "none",
+              *_sets(["mesh_shape=none", "model_axis=2"]), "--cache", runs / "cache",
+              "--out", d) == 2
+  assert "holds another run" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def ft_parity(runs):
   """FTTS on a second task."""
