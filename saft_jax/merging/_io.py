@@ -385,16 +385,25 @@ class SafetensorsWriter:
   def _apply_patches(self) -> None:
     if not self._patches:
       return
-    # One shared mapping of the finished file, no msync: the page cache holds the writes.
-    mm = np.memmap(self._tmp, dtype=np.uint8, mode="r+")
-    for p, idx, vals in self._patches:
-      _, _, dtype = next(o for o in self._order if o[0] == p)
-      start = self._base + self._offsets[p]
-      n = int(np.prod(next(o for o in self._order if o[0] == p)[1], dtype=np.int64))
-      leaf = mm[start:start + n * dtype.itemsize].view(dtype.newbyteorder("<"))
-      leaf[idx] = vals.astype(dtype)
-      del leaf
-    del mm
+    # A shared mapping of just the patched range, one patch at a time, no msync: the page
+    # cache holds the writes, and the process maps at most one patch's range at once.
+    dtypes = {p: dtype for p, _, dtype in self._order}
+    fd = os.open(self._tmp, os.O_RDWR)
+    try:
+      for p, idx, vals in self._patches:
+        if not idx.size:
+          continue
+        dtype = dtypes[p].newbyteorder("<")
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        b0 = self._base + self._offsets[p] + lo * dtype.itemsize
+        page = b0 - b0 % _PAGE
+        mm = mmap.mmap(fd, b0 - page + (hi - lo) * dtype.itemsize, offset=page)
+        part = np.frombuffer(mm, dtype, hi - lo, b0 - page)
+        part[idx - lo] = vals.astype(dtype)
+        del part
+        mm.close()
+    finally:
+      os.close(fd)
     self._patches = []
 
   def abort(self) -> None:

@@ -113,7 +113,8 @@ def engine() -> str:
 
 
 # ----------------------------------------------------------------------------- host engine
-def sample_bracket(blocks: np.ndarray, n: int, n_keep: int, z: float = Z_SCORE):
+def sample_bracket(blocks: np.ndarray, n: int, n_keep: int, z: float = Z_SCORE,
+                   estimate: bool = False):
   """Bracket ``(lo, hi)`` of bit patterns that likely holds the ``n_keep``-th largest.
 
   Args:
@@ -122,6 +123,8 @@ def sample_bracket(blocks: np.ndarray, n: int, n_keep: int, z: float = Z_SCORE):
     n: number of entries the rank refers to.
     n_keep: the rank (1 = largest).
     z: half-width in standard errors of the sampled fraction above the estimate.
+    estimate: also return the sampled quantile itself (the likeliest answer), clipped into
+      ``[lo, hi)``: ``(lo, hi, est)``.
 
   Returns:
     ``(lo, hi)`` Python ints with ``0 <= lo < hi <= 2**31``; ``hi == 2**31`` means no upper
@@ -132,26 +135,47 @@ def sample_bracket(blocks: np.ndarray, n: int, n_keep: int, z: float = Z_SCORE):
     blocks = blocks[:, None]
   s = blocks.size
   if s == 0 or n <= 0:
-    return 0, _TOP
+    return (0, _TOP, 0) if estimate else (0, _TOP)
   q = min(max(n_keep / n, 0.0), 1.0)
-  flat = blocks.ravel()
+  part = blocks.ravel().copy()  # partitioned in place, around i0 then inside each side
   i0 = min(max(int(round(s * (1.0 - q))), 0), s - 1)
-  v0 = np.partition(flat, i0)[i0]
+  part.partition(i0)
+  v0 = int(part[i0])
   frac = np.count_nonzero(blocks >= v0, axis=1) / blocks.shape[1]
   se = max(float(np.std(frac)) / np.sqrt(blocks.shape[0]), np.sqrt(q * (1 - q) / s), 1.0 / s)
   delta = z * se + 2.0 / s
   i_hi = int(np.ceil(s * (1.0 - q + delta)))
-  i_lo = int(np.floor(s * (1.0 - q - delta)))
-  idx = [i for i in (i_lo, i_hi) if 0 <= i < s]
-  part = np.partition(flat, idx) if idx else flat
-  lo = int(part[i_lo]) if 0 <= i_lo < s else 0
-  hi = int(part[i_hi]) if 0 <= i_hi < s else _TOP
+  i_lo = min(int(np.floor(s * (1.0 - q - delta))), i0)
+  lo, hi = 0, _TOP
+  if i_lo >= 0:
+    part[:i0 + 1].partition(i_lo)
+    lo = int(part[i_lo])
+  if i_hi < s:
+    part[i0:].partition(i_hi - i0)
+    hi = int(part[i_hi])
   # Reach one distinct sampled value further on each side: with quantized data (bf16
   # deltas, exact zeros) the true rank may fall on a neighbouring tie level.
-  below, above = flat[flat < lo], flat[flat > hi]
-  lo = int(below.max()) if below.size else 0
-  hi = int(above.min()) if above.size and hi < _TOP else _TOP
-  return lo, max(hi, lo + 1)
+  lo = _next_below(part[:max(i_lo, 0)], lo)
+  hi = max(_next_above(part[max(i_hi, 0) + 1:], hi) if hi < _TOP else _TOP, lo + 1)
+  if estimate:
+    return lo, hi, min(max(v0, lo), hi - 1)
+  return lo, hi
+
+
+def _next_below(values: np.ndarray, v: int) -> int:
+  """Largest of ``values`` (all ``<= v``) below ``v``, or 0."""
+  if values.size and values.max() < v:
+    return int(values.max())
+  below = values[values < v]
+  return int(below.max()) if below.size else 0
+
+
+def _next_above(values: np.ndarray, v: int) -> int:
+  """Smallest of ``values`` (all ``>= v``) above ``v``, or ``2**31``."""
+  if values.size and values.min() > v:
+    return int(values.min())
+  above = values[values > v]
+  return int(above.min()) if above.size else _TOP
 
 
 class KthSelector:
@@ -187,6 +211,7 @@ class KthSelector:
     self.mode, self.lo, self.hi = "bracket", int(lo), int(hi)
     self._c_hi = self._c_in = self._c_eq = 0
     self._cand: List[np.ndarray] = []
+    self._n_cand = 0
     self._overflow = False
 
   def _to_hist(self, lo: int, hi: int, above: int) -> None:
@@ -231,10 +256,11 @@ class KthSelector:
     c = int(inside.size)
     self._c_in += c
     if c and not self._overflow:
-      if self.cap is not None and sum(a.size for a in self._cand) + c > self.cap:
+      if self.cap is not None and self._n_cand + c > self.cap:
         self._overflow, self._cand = True, []
       else:
         self._cand.append(np.asarray(inside, np.int32))
+        self._n_cand += c
 
   def _update_hist(self, bits):
     u = bits.view(np.uint32) - np.uint32(self._lo_b)

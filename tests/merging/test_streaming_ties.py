@@ -1,0 +1,101 @@
+"""Streaming TIES's single fused pass (sampled brackets, estimate-then-fix) and its
+fallbacks equal the in-memory TIES bit for bit, on models large enough to be sampled."""
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from saft_jax import merging as m
+from saft_jax.merging import _streaming, _topk
+
+T = 3
+
+
+def _models(rng, kind):
+  """Pretrained + T fine-tuned flat dicts, more entries than the direct-select size."""
+  shapes = {"a": (600, 500), "b": (70_001,), "c": (300, 200), "z": (5000,)}
+  pre = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  pre["c"] = pre["c"].astype(ml_dtypes.bfloat16)
+  pre["b"] = pre["b"].astype(np.float16)
+  fts = []
+  for _ in range(T):
+    ft = {}
+    for k, v in pre.items():
+      if kind == "grid":  # a grid of magnitudes: ties at every threshold
+        d = rng.integers(-60, 61, v.shape) / 1024
+      else:
+        d = 0.01 * rng.normal(size=v.shape)
+      ft[k] = (v.astype(np.float32) + d).astype(v.dtype)
+    ft["z"] = pre["z"].copy()  # exact zeros in every task vector
+    fts.append(ft)
+  assert sum(v.size for v in pre.values()) > _topk.DIRECT_SIZE
+  return pre, fts
+
+
+def _check(tmp_path, pre, fts, chunk_bytes=None, **kw):
+  save_file(pre, str(tmp_path / "pre.safetensors"))
+  for i, ft in enumerate(fts):
+    save_file(ft, str(tmp_path / f"ft{i}.safetensors"))
+  out = str(tmp_path / "out.safetensors")
+  stats = m.stream_merge(str(tmp_path / "pre.safetensors"),
+                         [str(tmp_path / f"ft{i}.safetensors") for i in range(T)], out,
+                         "ties", lam=0.7, chunk_bytes=chunk_bytes, overwrite=True, **kw)
+  theta0 = {k: jnp.asarray(v) for k, v in pre.items()}
+  tvs = [m.task_vector(theta0, {k: jnp.asarray(v) for k, v in ft.items()}) for ft in fts]
+  ref = m.ties(theta0, tvs, 0.7, **kw)
+  with safe_open(out, "numpy") as f:
+    for k in pre:
+      got = f.get_tensor(k)
+      assert got.dtype == np.asarray(ref[k]).dtype
+      np.testing.assert_array_equal(got, np.asarray(ref[k]), err_msg=f"{kw} {k}")
+  return stats
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid"])
+def test_fused_ties_equals_in_memory(tmp_path, kind):
+  rng = np.random.default_rng(11)
+  pre, fts = _models(rng, kind)
+  cases = [dict(k=0.2, trim="global"),
+           dict(k=0.3, trim="global", keep="reference", disjoint="sum"),
+           dict(k=0.2, trim="per_leaf")]
+  for kw in cases:
+    # 200 kB chunks: leaves cut across chunk boundaries, several dtypes
+    stats = _check(tmp_path, pre, fts, chunk_bytes=200_000, **kw)
+    # one read of the inputs, then fixes (per leaf, the small leaves are spilled whole,
+    # here over the spill cap: a second pass)
+    assert stats["passes"] == (1 if kw["trim"] == "global" else 2), (kw, stats)
+
+
+def test_fused_ties_falls_back_when_a_bracket_misses(tmp_path, monkeypatch):
+  rng = np.random.default_rng(12)
+  pre, fts = _models(rng, "normal")
+  # brackets far below every answer: the fused pass cannot finish the select
+  monkeypatch.setattr(_topk, "sample_bracket", lambda blocks, n, n_keep, z=6.0,
+                      estimate=False: (0, 2, 1) if estimate else (0, 2))
+  stats = _check(tmp_path, pre, fts, chunk_bytes=400_000, k=0.2, trim="global")
+  assert stats["passes"] >= 3, stats  # fused pass, radix select passes, write pass
+
+
+def test_fused_ties_falls_back_when_the_spill_is_too_large(tmp_path, monkeypatch):
+  rng = np.random.default_rng(13)
+  pre, fts = _models(rng, "normal")
+  monkeypatch.setattr(_streaming, "_SPILL_SHARE", 1e-6)
+  stats = _check(tmp_path, pre, fts, chunk_bytes=400_000, k=0.2, trim="global")
+  assert stats["passes"] == 2, stats  # thresholds known after the first pass
+
+
+def test_estimate_fixes_cover_ties_at_the_threshold(tmp_path, monkeypatch):
+  # Estimates forced to each end of the bracket: the fixes must move every entry between
+  # estimate and threshold, including entries equal to the bracket's lower end.
+  rng = np.random.default_rng(14)
+  pre, fts = _models(rng, "grid")
+  real = _topk.sample_bracket
+  for end in (0, 1):
+    def bracket(blocks, n, n_keep, z=6.0, estimate=False, end=end):
+      lo, hi = real(blocks, n, n_keep, z)
+      return (lo, hi, lo if end == 0 else hi - 1) if estimate else (lo, hi)
+    monkeypatch.setattr(_topk, "sample_bracket", bracket)
+    stats = _check(tmp_path, pre, fts, chunk_bytes=300_000, k=0.25, trim="global")
+    assert stats["passes"] == 1 and stats["fixed"] > 0, stats
