@@ -14,23 +14,15 @@ nproc, pid, ndev, model = (int(a) for a in sys.argv[3:7])
 coordinator = sys.argv[7] if len(sys.argv) > 7 else None
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from train_helpers import init_mlp, model_loss, start_worker  # noqa: E402
+
+start_worker(nproc, pid, ndev, coordinator)
+
 import jax  # noqa: E402
-
-jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_num_cpu_devices", ndev)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from saft_jax import optim, train  # noqa: E402
-
-assert train.maybe_initialize_distributed(coordinator, nproc, pid,
-                                          initialization_timeout=60) == (nproc > 1)
-assert jax.process_count() == nproc and len(jax.devices()) == nproc * ndev
-
-import numpy as np  # noqa: E402
-
-from train_helpers import init_mlp, model_loss  # noqa: E402
 
 SIZES, MIN, GLOBAL_B, STEPS = (6, 32, 24, 4), 128, 16, 3
 n = len(jax.devices())

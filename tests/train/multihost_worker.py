@@ -13,21 +13,14 @@ nproc, pid, ndev = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 coordinator = sys.argv[6] if len(sys.argv) > 6 else None
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from train_helpers import init_mlp, make_batch, model_loss, start_worker, tiny_sam  # noqa: E402
+
+start_worker(nproc, pid, ndev, coordinator)
+
 import jax  # noqa: E402
-
-jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_num_cpu_devices", ndev)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
-from saft_jax import train  # noqa: E402
-
-assert train.maybe_initialize_distributed(coordinator, nproc, pid,
-                                          initialization_timeout=60) == (nproc > 1)
-assert jax.process_count() == nproc and len(jax.devices()) == nproc * ndev
-
 import numpy as np  # noqa: E402
 
-from train_helpers import init_mlp, make_batch, model_loss, tiny_sam  # noqa: E402
+from saft_jax import train  # noqa: E402
 
 GLOBAL_B, STEPS = 16, 3
 mesh = train.make_mesh()

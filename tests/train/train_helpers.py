@@ -65,3 +65,15 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(p))
+
+
+def start_worker(nproc: int, pid: int, ndev: int, coordinator=None) -> None:
+  """A multi-process test worker's set-up: ``ndev`` CPU devices, strict dtype promotion,
+  and ``jax.distributed`` joined when ``nproc > 1`` (checked)."""
+  from saft_jax import train
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", ndev)
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  assert train.maybe_initialize_distributed(coordinator, nproc, pid,
+                                            initialization_timeout=60) == (nproc > 1)
+  assert jax.process_count() == nproc and len(jax.devices()) == nproc * ndev
