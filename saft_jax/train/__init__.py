@@ -23,8 +23,8 @@ from saft_jax.train.step import (cast_floating, evaluate, make_eval_step, make_s
 
 __all__ = [
     "Checkpointer", "DATA_AXIS", "MIN_SHARD_SIZE", "MODEL_AXIS", "has_model_axis",
-    "param_sharding", "param_spec", "shard_params", "barrier", "broadcast_from_primary", "is_primary", "mesh_of",
-    "primary_flags",
+    "param_sharding", "param_spec", "shard_params", "barrier", "broadcast_from_primary",
+    "is_primary", "mesh_of", "primary_flags",
     "to_host", "FitResult", "MetricsWriter", "NonFiniteLossError", "Progress",
     "StackedFitResult", "TrainState", "batch_sharding", "cast_floating", "combine", "evaluate", "fit", "fit_stacked",
     "init_train_state", "linearized_consts", "linearized_loss", "make_base_optimizer",
