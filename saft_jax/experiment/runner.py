@@ -103,12 +103,15 @@ def merge_candidates(merge: str, tvs: list, seed: int = 0) -> list[search.Candid
 
 def task_accuracy(counter, suite, direction, lams, task: str, split: str, batch_size: int,
                   mesh=None):
-  """Accuracy of ``θ0 + λ·direction`` on ``task``'s ``split`` for every ``λ`` in ``lams``."""
+  """Accuracy of ``θ0 + λ·direction`` on ``task``'s ``split`` for every ``λ`` in ``lams``.
+
+  Heads are padded to the suite's largest class count (``suite.eval_heads``), so every
+  task shares one compiled ``counter``."""
   batches = data_lib.eval_batches(suite.tasks[task], split, batch_size)
   if mesh is not None:
     batches = (train_lib.shard_batch(b, mesh) for b in batches)
-  return evaluate.grid_accuracy(counter, suite.params0, direction, lams, suite.heads[task],
-                                batches)
+  return evaluate.grid_accuracy(counter, suite.params0, direction, lams,
+                                suite.eval_heads[task], batches)
 
 
 def _run_dir(ft_root, finetune, saft, seed, task):

@@ -14,6 +14,7 @@ where it came from:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from saft_jax import data as data_lib
 from saft_jax import models
 from saft_jax import train as train_lib
 from saft_jax.experiment import heads as heads_lib
-from saft_jax.experiment.evaluate import head_logits
+from saft_jax.experiment.evaluate import head_logits, pad_head
 from saft_jax.experiment.store import load_tree, save_tree
 
 logger = logging.getLogger("saft_jax.experiment")
@@ -66,6 +67,21 @@ class Suite:
     return lambda params, images: models.encode_image(vision, params, images,
                                                       compute_dtype=dtype)
 
+  @functools.cached_property
+  def jitted_features(self) -> Callable:
+    """:meth:`features_fn` under ``jax.jit``, built once per suite (so one compilation
+    serves every task whose batches have the same shape)."""
+    return jax.jit(self.features_fn())
+
+  @functools.cached_property
+  def eval_heads(self) -> dict:
+    """``{task: padded head}``: every head padded to the largest class count
+    (:func:`saft_jax.experiment.evaluate.pad_head`), so one compiled evaluator serves
+    every task; logits of the real classes, argmax and accuracy equal the unpadded
+    head's."""
+    width = max(np.shape(h)[-1] for h in self.heads.values())
+    return {t: pad_head(h, width) for t, h in self.heads.items()}
+
 
 def features_of(suite: Suite, params, task, split: str, batch_size: int):
   """All features and labels of ``task``'s ``split`` (NumPy).
@@ -73,7 +89,7 @@ def features_of(suite: Suite, params, task, split: str, batch_size: int):
   Every process computes all of them on its own devices (not only its rows), so that
   what is fitted on them is the same on every host.
   """
-  fn = jax.jit(suite.features_fn())
+  fn = suite.jitted_features
   feats, labels = [], []
   for images, y, mask in data_lib.eval_batches(task, split, batch_size, **WHOLE_BATCH):
     feats.append(np.asarray(fn(params, images))[mask])

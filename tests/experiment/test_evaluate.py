@@ -59,3 +59,32 @@ def test_empty_split_is_an_error():
   import pytest
   with pytest.raises(ValueError, match="empty"):
     evaluate.grid_accuracy(evaluate.make_grid_counter(_features), p0, d, [0.1], head, [])
+
+
+def test_suite_eval_heads_share_one_program_and_keep_accuracy():
+  """``task_accuracy`` pads every head to the suite's largest class count: tasks with 10, 3
+  and 2 classes share one compiled counter, with the accuracy of their unpadded heads."""
+  import dataclasses
+
+  from saft_jax import data
+  from saft_jax import models
+  from saft_jax.experiment import runner, suites
+  tasks = data.offline_suite(("digits", "mod3", "parity"))
+  vision = dataclasses.replace(suites.OFFLINE_VISION, layers=1, width=16, heads=2,
+                               output_dim=8)
+  params0 = models.init_vision_params(vision, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  heads = {n: jnp.asarray(rng.normal(size=(vision.output_dim, t.num_classes)), jnp.float32)
+           for n, t in tasks.items()}
+  suite = suites.Suite("offline", tasks, params0, heads, vision)
+  direction = jax.tree.map(lambda p: 0.3 * jnp.ones_like(p), params0)
+  counter = evaluate.make_grid_counter(suite.features_fn())
+  lams = [0.0, 0.5, 1.0]
+  for name in tasks:
+    got = runner.task_accuracy(counter, suite, direction, lams, name, "val", 64)
+    want = evaluate.grid_accuracy(evaluate.make_grid_counter(suite.features_fn()), params0,
+                                  direction, lams, heads[name],
+                                  data.eval_batches(tasks[name], "val", 64))
+    np.testing.assert_array_equal(got, want)
+    assert suite.eval_heads[name]["w"].shape == (vision.output_dim, 10)
+  assert counter._cache_size() == 1  # one compilation for the three class counts
