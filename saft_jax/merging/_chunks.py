@@ -1,0 +1,235 @@
+"""Chunks of the streaming merges: the plan, reading, and the kernels' shared pieces.
+
+The mergeable leaves are cut into flat pieces packed, in file order, into fixed-size
+chunks of one dtype (:func:`_plan`); a chunk is read as one ``(R, size)`` buffer (the
+pretrained model, then the fine-tuned ones) from memory-mapped inputs (:func:`_load_chunk`),
+the next one in a reader thread (:func:`_prefetched`). Used by :mod:`._streaming` and
+:mod:`._streaming_ties`.
+"""
+from __future__ import annotations
+
+import mmap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_POOL_MIN = 1 << 14  # fewer entries are gathered from the inputs by one thread
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass
+class _Piece:
+  path: str
+  start: int  # flat element range of the leaf
+  stop: int
+  off: int  # position in the chunk buffer
+
+
+@dataclass
+class _Chunk:
+  dtype: np.dtype
+  size: int  # buffer length (elements), fixed per dtype
+  index: int  # position in the plan's chunks
+  pieces: List[_Piece] = field(default_factory=list)
+
+  @property
+  def used(self) -> int:
+    return self.pieces[-1].off + self.pieces[-1].stop - self.pieces[-1].start if self.pieces else 0
+
+
+def _plan(pre, mergeable: Dict[str, bool], chunk_bytes: int, split: bool):
+  """Work items in file order: ``("copy", path)`` or ``("chunk", _Chunk)``, and leaf sizes.
+
+  ``split``: leaves are cut into pieces that fill fixed-size chunks (safetensors).
+  Otherwise chunks hold whole leaves, and the leaves of one writer unit (an orbax list)
+  stay in one chunk.
+  """
+  sizes = {p: int(np.prod(pre.shapes[p], dtype=np.int64)) for p in pre.paths}
+  cap: Dict[np.dtype, int] = {}
+  for p in pre.paths:
+    dt = np.dtype(pre.dtypes[p])
+    cap[dt] = max(cap.get(dt, 1), chunk_bytes // dt.itemsize)
+  units = pre.units()
+  items: List[Tuple[str, object]] = []
+  chunks: List[_Chunk] = []
+  cur: Optional[_Chunk] = None
+
+  def new_chunk(dt):
+    ch = _Chunk(dt, cap[dt], len(chunks))
+    chunks.append(ch)
+    items.append(("chunk", ch))
+    return ch
+
+  for p in pre.paths:
+    n = sizes[p]
+    if not mergeable[p] or n == 0:
+      cur = None
+      items.append(("copy", p))
+      continue
+    dt = np.dtype(pre.dtypes[p])
+    if split:
+      start = 0
+      while start < n:
+        if cur is None or cur.dtype != dt or cur.used >= cur.size:
+          cur = new_chunk(dt)
+        stop = min(n, start + cur.size - cur.used)
+        cur.pieces.append(_Piece(p, start, stop, cur.used))
+        start = stop
+      continue
+    same_unit = (cur is not None and cur.pieces and units[p] != p
+                 and units[cur.pieces[-1].path] == units[p])
+    if cur is None or cur.dtype != dt or (cur.used + n > cur.size and not same_unit):
+      cur = new_chunk(dt)
+    cur.pieces.append(_Piece(p, 0, n, cur.used))
+    cur.size = max(cur.size, cur.used)
+  return items, sizes
+
+
+# ----------------------------------------------------------------------------- reading
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialized array in its own anonymous memory map: page-aligned (so
+  ``jax.device_put`` aliases it on CPU instead of copying) and handed back to the OS when
+  the last array on it is gone (malloc arenas would keep freed chunk buffers resident)."""
+  dtype = np.dtype(dtype)
+  n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, n).view(dtype).reshape(shape)
+
+
+class _BufferPool:
+  """Chunk buffers reused round-robin (2 per shape: the chunk being merged and the one
+  being read), so steady-state reading neither page-faults fresh memory nor grows the
+  allocator's heap. A buffer is refilled only after the kernels reading it have finished:
+  the reader thread starts on chunk ``i + 2`` when the merge loop asks for chunk ``i + 1``,
+  and the loop waits for chunk ``i``'s results before asking."""
+
+  def __init__(self, depth: int = 2):
+    self._depth = depth
+    self._bufs: Dict[tuple, List[np.ndarray]] = {}
+    self._next: Dict[tuple, int] = {}
+
+  def clear(self) -> None:
+    """Hand the buffers back (they are re-made on demand)."""
+    self._bufs.clear()
+    self._next.clear()
+
+  def get(self, shape, dtype) -> np.ndarray:
+    key = (tuple(shape), np.dtype(dtype).str)
+    bufs = self._bufs.setdefault(key, [])
+    i = self._next.get(key, 0)
+    self._next[key] = (i + 1) % self._depth
+    if i == len(bufs):
+      bufs.append(_aligned_empty(shape, dtype))
+    return bufs[i]
+
+
+def _load_chunk(readers, chunk: _Chunk, pool: Optional[_BufferPool] = None):
+  """``(R, size)`` buffer of one chunk for each reader (zero padding), as a device array."""
+  shape = (len(readers), chunk.size)
+  buf = pool.get(shape, chunk.dtype) if pool is not None else _aligned_empty(shape, chunk.dtype)
+  if chunk.used < chunk.size:
+    buf[:, chunk.used:] = 0
+  for r, reader in enumerate(readers):
+    whole = (reader.read([pc.path for pc in chunk.pieces]) if reader.format == "orbax"
+             else None)
+    for pc in chunk.pieces:
+      v = (whole[pc.path].reshape(-1)[pc.start:pc.stop] if whole is not None
+           else reader.view(pc.path, pc.start, pc.stop))
+      np.copyto(buf[r, pc.off:pc.off + v.size], v)
+      del v
+  return jax.device_put(buf)
+
+
+def _prefetched(items, load) -> Iterator:
+  """``(item, load(item))`` for each item, loading the next item in a reader thread."""
+  items = list(items)
+  if not items:
+    return
+  with ThreadPoolExecutor(1) as ex:
+    fut = ex.submit(load, items[0])
+    for i, it in enumerate(items):
+      data = fut.result()
+      if i + 1 < len(items):
+        fut = ex.submit(load, items[i + 1])
+      yield it, data
+      del data
+
+
+# ----------------------------------------------------------------------------- kernels
+def _split(buf):
+  return buf[0], [buf[t] for t in range(1, buf.shape[0])]
+
+
+def _product(a, b, zero):
+  """``a · b`` rounded to float32 on its own, like an eager multiply.
+
+  ``zero`` is a uint32 0 passed at run time: OR-ing it into the bits is an identity the
+  compiler cannot see through, so LLVM cannot contract the product with a following
+  addition into a fused multiply-add (XLA:CPU does, and optimization barriers and
+  ``reduce_precision`` are simplified away), and a jitted chunk rounds exactly like the
+  op-by-op (eager) in-memory merge.
+  """
+  bits = jax.lax.bitcast_convert_type(a * b, jnp.uint32) | zero
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_ZERO = np.uint32(0)
+
+
+# ----------------------------------------------------------------------------- columns
+def _piece_slices(chunk: _Chunk, offs: np.ndarray):
+  """``(piece, slice of offs)`` for each piece of the chunk holding some of the sorted
+  chunk offsets ``offs``."""
+  bounds = np.searchsorted(offs, [pc.off for pc in chunk.pieces] + [chunk.used])
+  return [(pc, slice(int(bounds[g]), int(bounds[g + 1])))
+          for g, pc in enumerate(chunk.pieces) if bounds[g + 1] > bounds[g]]
+
+
+def _gather_cols(readers, chunk: _Chunk, offs: np.ndarray, ex) -> np.ndarray:
+  """The inputs' entries at the sorted chunk offsets ``offs``, ``(R, len)``, each reader
+  read by one thread of ``ex`` (page faults of the memory maps dominate)."""
+  cols = np.empty((len(readers), offs.size), chunk.dtype)
+  slices = _piece_slices(chunk, offs)
+
+  def fill(r):
+    for pc, sl in slices:
+      o = offs[sl]
+      first = pc.start + int(o[0]) - pc.off
+      v = readers[r].view(pc.path, first, first + int(o[-1] - o[0]) + 1)
+      cols[r, sl] = v[o - o[0]]
+      del v
+
+  if ex is None or offs.size < _POOL_MIN:
+    for r in range(len(readers)):
+      fill(r)
+  else:
+    list(ex.map(fill, range(len(readers))))
+  return cols
+
+
+def _column_batches(chunks: List[_Chunk], fixes, rows: int):
+  """The columns of ``fixes`` (``(chunk index, offsets, columns)``) packed per dtype into
+  zero-padded buffers of one chunk's shape (so the kernels compiled for the chunks run
+  them): yields ``(buffer, segments)``, a segment ``(chunk index, offsets, first column,
+  end column)``."""
+  open_: Dict[np.dtype, list] = {}
+  for ci, offs, cols in fixes:
+    ch, start = chunks[ci], 0
+    while start < offs.size:
+      if ch.dtype not in open_:
+        gbuf = _aligned_empty((rows, ch.size), ch.dtype)
+        gbuf[:] = 0
+        open_[ch.dtype] = [gbuf, []]
+      gbuf, segs = open_[ch.dtype]
+      c0 = segs[-1][3] if segs else 0
+      take = min(offs.size - start, ch.size - c0)
+      gbuf[:, c0:c0 + take] = cols[:, start:start + take]
+      segs.append((ci, offs[start:start + take], c0, c0 + take))
+      start += take
+      if c0 + take == ch.size:
+        yield open_.pop(ch.dtype)
+  for gbuf, segs in open_.values():
+    yield gbuf, segs

@@ -1,0 +1,516 @@
+"""Streaming TIES: thresholds, the fused write pass and the in-place fixes.
+
+TIES over safetensors inputs (output patchable in place):
+
+0. sample: random contiguous blocks (about 1/128 of the entries, read through the memory
+   map) give each task's bracket ``[lo, hi)`` of its threshold's bit pattern and an
+   estimate inside it (:func:`._topk.sample_bracket`); ``trim="per_leaf"`` samples each leaf.
+1. one fused pass: per chunk, one kernel writes the merge for the estimated thresholds,
+   with a flag word per entry (sign code, "some task's ``|τ|`` in its bracket", per task
+   ``|τ| >= hi``); NumPy counts the flags and finishes the exact select of :mod:`._topk`
+   from the few ambiguous entries, whose columns (every input) are spilled to an unlinked
+   temporary file (a few percent of the inputs).
+2. fixes: with the exact thresholds, the spilled entries whose kept status differs between
+   estimate and threshold, and the entries whose elected sum is exactly 0 with kept
+   entries (TIES's majority-sign fallback, spilled too), are recomputed by the same kernel
+   and patched in place where they change.
+
+One chunk's NumPy work (counts, candidates, spill) runs on a worker thread while the main
+thread runs the next chunk's kernel, and the reader thread reads the one after.
+
+So global TIES reads the inputs once (plus the sample and the spill). A missed bracket or
+a spill over ``_streaming._SPILL_SHARE`` of the inputs falls back to radix select passes
+and a second write pass, never to a different result. Orbax outputs cannot be patched: a
+select pass and a sign pass precede the write pass there. The TIES options ``keep`` and
+``disjoint`` are those of :func:`~saft_jax.merging.ties_merged_vector`, with the same
+results.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _ties, _topk
+from ._chunks import (_ZERO, _Chunk, _column_batches, _gather_cols, _piece_slices,
+                      _product, _split)
+from ._task_vectors import task_vector
+
+_SAMPLE_BLOCK = 256  # contiguous entries per sampled block
+_Z_SCORE = 5.0  # bracket half-width (standard errors): a miss costs passes, never exactness
+
+
+# ----------------------------------------------------------------------------- kernels
+def _taus(buf):
+  x0, xs = _split(buf)
+  return [task_vector({"w": x0}, {"w": x})["w"] for x in xs]
+
+
+@jax.jit
+def _k_tau_bits(buf):
+  """Per task, the ``|τ|`` bit patterns (a tuple: one output per task, no stacking)."""
+  return tuple(_topk.abs_bits(tv) for tv in _taus(buf))
+
+
+_AMB = 4  # flag word: bits 0-1 the sign code, bit 2 ambiguous, then one bit per task
+
+
+def _word_dtype(t: int):
+  """Smallest unsigned dtype holding the flags of ``t`` tasks (uint32 words beyond 29)."""
+  return next(d for d in (jnp.uint8, jnp.uint16, jnp.uint32)
+              if t + 3 <= 8 * jnp.dtype(d).itemsize or d == jnp.uint32)
+
+
+def _flag_words(tvs, lo, hi, code=None):
+  """Per entry, packed flags (one XLA loop, so ``τ`` is computed once per entry): the sign
+  code (bits 0-1: 0, 1, 3 for -1, 2 for "depends on the majority"), whether some task's
+  ``|τ|`` lies in its bracket ``[lo, hi)`` or the code is 2 (bit 2: an entry the fixes may
+  recompute) and whether task ``i``'s ``|τ| >= hi`` (bit ``3 + i``; tasks beyond the first
+  word in further words)."""
+  dt = _word_dtype(len(tvs))
+  width = 8 * jnp.dtype(dt).itemsize
+  words = [jnp.zeros(tvs[0].shape, dt) if code is None else code.astype(dt) & 3]
+  if code is not None:  # the majority-dependent entries are kept with the ambiguous ones
+    words[0] = words[0] | ((code == 2).astype(dt) << 2)
+  bit = 3
+  for t, tv in enumerate(tvs):
+    b = _topk.abs_bits(tv)
+    words[0] = words[0] | (((b >= lo[t]) & (b < hi[t])).astype(dt) << 2)
+    if bit == width:
+      words.append(jnp.zeros(tvs[0].shape, dt))
+      bit = 0
+    words[-1] = words[-1] | ((b >= hi[t]).astype(dt) << bit)
+    bit += 1
+  return tuple(words)
+
+
+def _above_bit(t: int, n_tasks: int):
+  """(word, mask) of task ``t``'s above-bracket flag in :func:`_flag_words`."""
+  width = 8 * np.dtype(_word_dtype(n_tasks)).itemsize
+  j = t + 3
+  return j // width, 1 << (j % width)
+
+
+@jax.jit
+def _k_bracket(buf, lo, hi):
+  return _flag_words(_taus(buf), lo, hi)
+
+
+def _np_tau_bits(x0: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """``|τ|`` bit patterns of a few entries, in NumPy, rounded as :func:`task_vector` does
+  (float32 difference, then the leaf dtype, round to nearest even)."""
+  if x0.dtype == np.float32:
+    d = np.subtract(x, x0)
+  else:
+    d = (x.astype(np.float32) - x0.astype(np.float32)).astype(x0.dtype).astype(np.float32)
+  bits = d.view(np.int32)
+  return np.bitwise_and(bits, np.int32(0x7FFFFFFF), out=bits)
+
+
+def _ties_parts(buf, thr):
+  x0, xs = _split(buf)
+  tvs = [task_vector({"w": x0}, {"w": x})["w"] for x in xs]
+  trimmed = [_ties.trim_leaf(tv, thr[i]) for i, tv in enumerate(tvs)]
+  sign = _ties.sum_sign_leaf(trimmed)
+  return x0, tvs, trimmed, sign
+
+
+def _ties_out(buf, thr, lam, majority, zero, disjoint):
+  """Merged entries for the given majority sign, and an int8 code per entry: the elected
+  sign, or 2 where the value depends on the majority (elected sum 0, some kept entry)."""
+  x0, tvs, trimmed, sign = _ties_parts(buf, thr)
+  merged = _ties.disjoint_leaf(trimmed, sign, majority, disjoint).astype(x0.dtype)
+  # apply_task_vector's leaf math: (f32(θ0) + λ · f32(merged)).astype(dtype).
+  out = (x0.astype(jnp.float32) + _product(lam, merged.astype(jnp.float32), zero)).astype(x0.dtype)
+  nonzero = trimmed[0] != 0
+  for x in trimmed[1:]:
+    nonzero = nonzero | (x != 0)
+  code = jnp.where((sign == 0) & nonzero, jnp.int8(2), sign.astype(jnp.int8))
+  return out, code, tvs
+
+
+@jax.jit
+def _k_ties_sign_total(buf, thr):
+  return _ties.sign_total_leaf(_ties_parts(buf, thr)[3])
+
+
+@partial(jax.jit, static_argnames=("disjoint",))
+def _k_ties(buf, thr, lam, majority, zero, disjoint):
+  """:func:`_ties_out`'s merged entries and codes (element-wise only; the sign total is
+  summed from the codes in NumPy)."""
+  return _ties_out(buf, thr, lam, majority, zero, disjoint)[:2]
+
+
+@partial(jax.jit, static_argnames=("disjoint",))
+def _k_ties_bracket(buf, thr, lo, hi, lam, zero, disjoint):
+  """:func:`_k_ties` for majority -1 and thresholds ``thr`` (the sampled estimates), the
+  codes packed with the brackets' flags (:func:`_flag_words`): two loops over the chunk."""
+  out, code, tvs = _ties_out(buf, thr, lam, jnp.float32(-1.0), zero, disjoint)
+  return (out,) + _flag_words(tvs, lo, hi, code)
+
+
+# ----------------------------------------------------------------------------- thresholds
+def _sample_bits(pre, fts, paths, sizes, n_entries: int, rng) -> List[np.ndarray]:
+  """Per task, ``(n_blocks, 256)`` sampled ``|τ|`` bit patterns over ``paths``: random
+  contiguous blocks (a few pages of each memory-mapped file), about ``n_entries`` in all.
+  Leaves shorter than a block are not sampled (the bracket is a guess, checked exactly)."""
+  total = sum(sizes[p] for p in paths)
+  per: List[List[np.ndarray]] = [[] for _ in fts]
+  for p in paths:
+    n = sizes[p]
+    nb = int(round(n_entries * n / max(total, 1) / _SAMPLE_BLOCK))
+    if n < _SAMPLE_BLOCK or nb == 0:
+      continue
+    idx = rng.integers(0, n - _SAMPLE_BLOCK + 1, nb)[:, None] + np.arange(_SAMPLE_BLOCK)
+    x0 = np.asarray(pre.view(p))[idx]
+    for t, r in enumerate(fts):
+      per[t].append(_np_tau_bits(x0, np.asarray(r.view(p))[idx]))
+  return [np.concatenate(b) if b else np.zeros((0, 1), np.int32) for b in per]
+
+
+def _sample_size(n: int) -> int:
+  return int(min(max(n // 128, 1 << 16), 1 << 23))
+
+
+_MAX_BITS = 0x7FFFFFFF  # int32 stand-in for the bracket bound 2**31 (no NaN is supported)
+
+
+def _selectors(pre, fts, items, sizes, trim, k, keep, budget_elems, sample: bool):
+  """``{(task, key): KthSelector}`` (key None: global, else the leaf path), for each the
+  sampled estimate of its answer (inside its bracket; ``2**31 - 1`` without a sample), and
+  the bytes (per model) of the groups small enough to be selected directly."""
+  leaves = [pc.path for kind, ch in items if kind == "chunk" for pc in ch.pieces
+            if pc.start == 0]
+  t = len(fts)
+  rng = np.random.default_rng(0)
+  sels, est, direct = {}, {}, 0
+  groups = [(None, leaves)] if trim == "global" else [(p, [p]) for p in leaves]
+  n_all = sum(sizes[p] for p in leaves)
+  for key, paths in groups:
+    n = sum(sizes[p] for p in paths)
+    n_keep = _topk.keep_count(k, max(n, 1), keep)
+    cap = max(_topk.DIRECT_SIZE, int(budget_elems * n / max(n_all, 1) / t))
+    if n <= _topk.DIRECT_SIZE:
+      brackets = [(0, _topk._TOP, _MAX_BITS)] * t  # every entry inside: one exact pass
+      cap = max(cap, n)
+      direct += sum(sizes[p] * pre.dtypes[p].itemsize for p in paths)
+    elif sample:
+      brackets = [_topk.sample_bracket(b, n, n_keep, z=_Z_SCORE, estimate=True)
+                  for b in _sample_bits(pre, fts, paths, sizes, _sample_size(n), rng)]
+    else:
+      brackets = [None] * t
+    for i in range(t):
+      b = brackets[i]
+      sels[(i, key)] = _topk.KthSelector(n_keep, b and b[:2], cap=cap, n=n)
+      est[(i, key)] = _MAX_BITS if b is None else min(b[2], _MAX_BITS)
+  return sels, est, direct
+
+
+def _groups(chunk: _Chunk, trim: str):
+  """``(key, start, stop)``: the chunk's ranges of one threshold each (global: all of it)."""
+  if trim == "global":
+    return [(None, 0, chunk.used)]
+  return [(pc.path, pc.off, pc.off + pc.stop - pc.start) for pc in chunk.pieces]
+
+
+def _chunk_values(chunk: _Chunk, t: int, trim: str, value) -> np.ndarray:
+  """int32 ``value(task, key)`` for the chunk's entries: ``(T,)`` (global) or ``(T, size)``."""
+  if trim == "global":
+    return np.asarray([value(i, None) for i in range(t)], np.int32)
+  out = np.zeros((t, chunk.size), np.int32)
+  for key, a, b in _groups(chunk, trim):
+    for i in range(t):
+      out[i, a:b] = value(i, key)
+  return out
+
+
+def _bracket_bounds(sels, chunk, t, trim):
+  """Kernel inputs ``lo, hi`` of the current counting pass (an empty bracket where done)."""
+  def bound(j):
+    def f(i, key):
+      br = sels[(i, key)].bracket()
+      return _MAX_BITS if br is None else min(br[j], _MAX_BITS)
+    return _chunk_values(chunk, t, trim, f)
+  return bound(0), bound(1)
+
+
+def _ambiguous(words, host) -> Tuple[np.ndarray, np.ndarray]:
+  """Chunk offsets (int32) of the entries flagged ambiguous by :func:`_flag_words`, and
+  their ``(R, n)`` columns of the chunk's buffer."""
+  idx = np.flatnonzero(np.bitwise_and(words[0], _AMB) != 0).astype(np.int32)
+  cols = np.empty((host.shape[0], idx.size), host.dtype)
+  for r in range(host.shape[0]):  # row by row: sequential reads, not 2-MB strides
+    np.take(host[r], idx, out=cols[r])
+  return idx, cols
+
+
+def _bracket_counts(sels, chunk: _Chunk, words, idx, cols, trim: str) -> None:
+  """One chunk of a counting pass, from :func:`_flag_words` and :func:`_ambiguous`: per
+  task, ``#(|τ| >= hi)`` is counted on the flags, and only the ambiguous entries get their
+  ``|τ|`` bit patterns (in NumPy, from their columns)."""
+  t = cols.shape[0] - 1
+  tmp = np.empty_like(words[0])
+  groups = _groups(chunk, trim)
+  bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [chunk.used])
+  bits = _np_tau_bits(cols[0], cols[1:]).view(np.uint32)
+  for g, (key, a, b) in enumerate(groups):
+    brs = [sels[(i, key)].bracket() for i in range(t)]
+    lo = np.asarray([_MAX_BITS if br is None else br[0] for br in brs], np.uint32)
+    hi = np.asarray([_MAX_BITS if br is None else br[1] for br in brs], np.uint32)
+    # every task's entries in its [lo, hi) at once: one unsigned compare
+    bb = bits[:, bounds[g]:bounds[g + 1]]
+    ins = bb - lo[:, None] < (hi - lo)[:, None]
+    for i in range(t):
+      if brs[i] is None:
+        continue
+      w, mask = _above_bit(i, t)
+      c_hi = (int(np.count_nonzero(np.bitwise_and(words[w][a:b], mask, out=tmp[a:b])))
+              if brs[i][1] < _topk._TOP else 0)
+      vals = bb[i][ins[i]]
+      eq = vals == lo[i]
+      sels[(i, key)].add_counts(c_hi, int(np.count_nonzero(eq)), vals[~eq].view(np.int32))
+
+
+def _words(words, chunk: _Chunk) -> List[np.ndarray]:
+  return [np.asarray(w)[:chunk.used] for w in words]
+
+
+def _select_chunk(sels, chunk: _Chunk, buf, trim: str) -> None:
+  """One chunk of a select pass: while every open global select is a counting pass, from
+  the bracket flags (:func:`_bracket_counts`); otherwise (and per leaf, where many small
+  leaves are selected directly) the selectors see every bit pattern."""
+  t = buf.shape[0] - 1
+  if trim == "global" and all(s.bracket() is not None for s in sels.values()
+                              if s.result is None):
+    words = _words(_k_bracket(buf, *_bracket_bounds(sels, chunk, t, trim)), chunk)
+    _bracket_counts(sels, chunk, words, *_ambiguous(words, np.asarray(buf)), trim)
+    return
+  bits = [np.asarray(b) for b in _k_tau_bits(buf)]
+  for i in range(t):
+    for key, a, b in _groups(chunk, trim):
+      sels[(i, key)].update(bits[i][a:b])
+
+
+# ------------------------------------------------------------------------------- TIES
+class _Ties:
+  """Global or per-leaf TIES over the chunks: thresholds, the write pass, the fixes after it.
+
+  With brackets and an output patchable in place (``fused``), the write pass is also the
+  thresholds' counting pass: it writes the merge for the sampled estimates of the
+  thresholds, and spills the ambiguous columns (every input's entries where some task's
+  ``|τ|`` lies in its bracket, or whose value depends on the majority sign: a few percent)
+  to an unlinked temporary file. Once the exact thresholds are known, only the spilled
+  entries whose kept status differs between estimate and threshold, and those depending on
+  the majority sign, are recomputed by the same kernel and patched in place where they
+  change. A missed bracket or a spill over ``spill_cap`` bytes falls back to select passes
+  and a second, exact write pass (after which the majority-dependent entries are read back
+  from the inputs if the majority sign is positive).
+  """
+
+  def __init__(self, sels, est, t: int, trim: str, lam, disjoint: str, fused: bool,
+               spill_dir: str, spill_cap: int):
+    self.sels, self.est, self.t, self.trim, self.disjoint = sels, est, t, trim, disjoint
+    self.lam = jnp.asarray(lam, jnp.float32)
+    self.fused = fused
+    self.thr: Optional[Dict] = None  # exact thresholds, once known
+    self.majority: Optional[float] = None  # known before the write pass (orbax)
+    self.total = 0  # Σ elected signs written (entries depending on the majority excluded)
+    self.major: Dict[int, np.ndarray] = {}  # chunk index -> offsets depending on it
+    self._spill = tempfile.TemporaryFile(dir=spill_dir, buffering=0) if fused else None
+    # The fused pass's per-chunk NumPy work runs on a worker thread (at most one chunk
+    # behind), overlapping the next chunk's kernel.
+    self._worker = ThreadPoolExecutor(1) if fused else None
+    self._pending = None
+    self._spilled: List[Tuple[int, int, int]] = []  # (chunk index, columns, file offset)
+    self._spill_bytes, self._spill_cap = 0, spill_cap
+
+  def close(self) -> None:
+    if self._worker is not None:
+      self._worker.shutdown(wait=True)
+      self._worker = None
+    if self._spill is not None:
+      self._spill.close()
+      self._spill = None
+
+  def resolve(self, passes: Callable[[], Iterator]) -> None:
+    """Select passes until every threshold is known."""
+    while any(s.result is None for s in self.sels.values()):
+      for ch, buf in passes():
+        _select_chunk(self.sels, ch, buf, self.trim)
+      for s in self.sels.values():
+        s.end_pass()
+    self.thr = {key: int(s.result) for key, s in self.sels.items()}
+
+  def sign_pass(self, passes: Callable[[], Iterator]) -> None:
+    """The majority sign before the write pass (outputs that cannot be patched)."""
+    total = 0
+    for ch, buf in passes():
+      total += int(_k_ties_sign_total(buf, self._values(ch, self.thr)))
+    self.majority = float(np.sign(total))
+
+  def _values(self, chunk, table):
+    return _chunk_values(chunk, self.t, self.trim, lambda i, key: table[(i, key)])
+
+  def _keep(self, ci: int, idx: np.ndarray, cols: np.ndarray) -> None:
+    """Spill one chunk's ambiguous columns (stops spilling past the cap)."""
+    if self._spill is None:
+      return
+    n = idx.nbytes + cols.nbytes
+    if self._spill_bytes + n > self._spill_cap:
+      self._spill.close()  # too many: a second write pass instead of fixes
+      self._spill = None
+      return
+    self._spilled.append((ci, idx.size, self._spill_bytes))
+    for a in (idx, cols):
+      data = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+      while data:
+        data = data[self._spill.write(data):]
+    self._spill_bytes += n
+
+  def _count_signs(self, ch: _Chunk, code: np.ndarray) -> None:
+    """Sum a chunk's elected signs; record the entries depending on the majority sign."""
+    self.total += _sign_sum(code)
+    if np.count_nonzero(code == 2):
+      self.major[ch.index] = np.flatnonzero(code == 2).astype(np.int32)
+
+  def _fused_counts(self, ch: _Chunk, words, idx, cols, flags) -> None:
+    del flags  # held until here: the device buffers under the NumPy views ``words``
+    _bracket_counts(self.sels, ch, words, idx, cols, self.trim)
+    self._keep(ch.index, idx, cols)
+    self._count_signs(ch, words[0] & 3)  # 1: +1, 3: -1, 2: depends on the majority
+
+  def _wait(self) -> None:
+    if self._pending is not None:
+      self._pending.result()
+      self._pending = None
+
+  def write_chunk(self, ch: _Chunk, buf) -> np.ndarray:
+    """The merged chunk (exact, or for the estimates in a fused pass); sums its signs."""
+    if self.fused:
+      lo, hi = _bracket_bounds(self.sels, ch, self.t, self.trim)
+      out, *flags = _k_ties_bracket(buf, self._values(ch, self.est), lo, hi, self.lam, _ZERO,
+                                    self.disjoint)
+      words = _words(flags, ch)
+      idx, cols = _ambiguous(words, np.asarray(buf))  # the buffer is refilled after this
+      self._wait()
+      self._pending = self._worker.submit(self._fused_counts, ch, words, idx, cols, flags)
+      return np.asarray(out)
+    maj = jnp.float32(-1.0 if self.majority is None else self.majority)
+    out, code = _k_ties(buf, self._values(ch, self.thr), self.lam, maj, _ZERO, self.disjoint)
+    if self.majority is None:
+      self._count_signs(ch, np.asarray(code)[:ch.used] & 3)
+    return np.asarray(out)
+
+  def end_fused(self) -> bool:
+    """After a fused write pass: True when the fixes can finish it (else reset for select
+    passes and a second write pass)."""
+    self._wait()
+    for s in self.sels.values():
+      s.end_pass()
+    if all(s.result is not None for s in self.sels.values()):
+      self.thr = {key: int(s.result) for key, s in self.sels.items()}
+    if self.thr is not None and self._spill is not None:
+      return True
+    self.close()
+    self.fused, self.total, self.major, self._spilled = False, 0, {}, []
+    return False
+
+  def _spilled_fixes(self, chunks: List[_Chunk]):
+    """``(chunk index, offsets, columns)`` of the spilled entries whose kept status differs
+    between the estimates and the thresholds, for some task."""
+    fd = self._spill.fileno()
+    r = self.t + 1
+    for ci, m, pos in self._spilled:
+      ch = chunks[ci]
+      idx = np.frombuffer(os.pread(fd, 4 * m, pos), np.int32)
+      cols = np.frombuffer(os.pread(fd, r * m * ch.dtype.itemsize, pos + 4 * m),
+                           ch.dtype).reshape(r, m)
+      bits = _np_tau_bits(cols[0], cols[1:])
+      groups = _groups(ch, self.trim)
+      bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [ch.used])
+      need = np.isin(idx, self.major.get(ci, idx[:0]), assume_unique=True)
+      for i in range(self.t):
+        for g, (key, _, _) in enumerate(groups):
+          a, b = sorted((self.est[(i, key)], self.thr[(i, key)]))
+          sl = slice(bounds[g], bounds[g + 1])
+          need[sl] |= bits[i, sl].view(np.uint32) - np.uint32(a) < np.uint32(b - a)
+      sel = np.flatnonzero(need)
+      if sel.size:
+        yield ci, idx[sel], cols[:, sel]
+
+  def _fixes(self, readers, chunks: List[_Chunk]):
+    """Every chunk's entries to recompute, sorted: ``(chunk index, offsets, columns)``. The
+    majority-dependent entries not spilled (after an exact write pass) are read back from
+    the inputs."""
+    spilled = dict((ci, (o, c)) for ci, o, c in self._spilled_fixes(chunks)) if self.fused else {}
+    with ThreadPoolExecutor(_topk._threads(len(readers))) as ex:
+      for ci in sorted(set(spilled) | set(self.major)):
+        offs, cols = spilled.get(ci, (np.zeros(0, np.int32), None))
+        extra = np.setdiff1d(self.major.get(ci, offs[:0]), offs)
+        if extra.size:
+          more = _gather_cols(readers, chunks[ci], extra, ex)
+          offs = np.concatenate([offs, extra])
+          cols = more if cols is None else np.concatenate([cols, more], axis=1)
+          order = np.argsort(offs, kind="stable")
+          offs, cols = offs[order], cols[:, order]
+        yield ci, offs, cols
+
+  def fix(self, writer, readers, chunks: List[_Chunk], stats: Dict) -> None:
+    """Recompute the entries of :meth:`_fixes` as written and with the exact thresholds
+    (both majority signs), correct the sign total, then patch the entries that change."""
+    if self.majority is not None or (not self.fused and self.total <= 0):
+      return  # exact thresholds, and the majority sign written is the right one
+    written = self.est if self.fused else self.thr
+    results = []
+    for gbuf, segs in _column_batches(chunks, self._fixes(readers, chunks), self.t + 1):
+      gbuf, m = jax.device_put(gbuf), segs[-1][3]
+      thr = self._seg_values(chunks, segs, self.thr, gbuf.shape[1])
+      out_m, code = (np.asarray(a)[:m] for a in _k_ties(
+          gbuf, thr, self.lam, jnp.float32(-1.0), _ZERO, self.disjoint))
+      out_p = np.asarray(_k_ties(gbuf, thr, self.lam, jnp.float32(1.0), _ZERO,
+                                 self.disjoint)[0])[:m]
+      old, old_code = (np.asarray(a)[:m] for a in _k_ties(
+          gbuf, self._seg_values(chunks, segs, written, gbuf.shape[1]), self.lam,
+          jnp.float32(-1.0), _ZERO, self.disjoint))
+      self.total += _sign_sum(code & 3) - _sign_sum(old_code & 3)
+      for ci, offs, c0, c1 in segs:
+        results.append((chunks[ci], offs, old[c0:c1], out_m[c0:c1], out_p[c0:c1],
+                        code[c0:c1]))
+    positive = self.total > 0
+    for ch, offs, old, out_m, out_p, code in results:
+      new = out_p if positive else out_m
+      changed = _bits(new) != _bits(old)
+      for pc, sl in _piece_slices(ch, offs):
+        c = changed[sl]
+        if c.any():
+          writer.patch(pc.path, pc.start + offs[sl][c] - pc.off, new[sl][c])
+      stats["fixed"] += int(np.count_nonzero(changed))
+      if positive:
+        stats["patched"] += int(np.count_nonzero(code == 2))
+
+  def _seg_values(self, chunks, segs, table, size):
+    if self.trim == "global":
+      return np.asarray([table[(i, None)] for i in range(self.t)], np.int32)
+    out = np.zeros((self.t, size), np.int32)
+    for ci, offs, c0, _ in segs:
+      for pc, sl in _piece_slices(chunks[ci], offs):
+        for i in range(self.t):
+          out[i, c0 + sl.start:c0 + sl.stop] = table[(i, pc.path)]
+    return out
+
+
+def _sign_sum(code: np.ndarray) -> int:
+  """Σ of the elected signs of sign codes masked to 2 bits (1: +1, 3: -1; the 2s, which
+  depend on the majority, excluded)."""
+  return int(np.count_nonzero(code == 1)) - int(np.count_nonzero(code == 3))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+  """The raw bits of a float array (compares -0.0 and NaN payloads exactly)."""
+  return a.view(np.dtype(f"u{a.dtype.itemsize}"))
