@@ -28,6 +28,7 @@ results.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -43,7 +44,17 @@ from ._chunks import (_ZERO, _Chunk, _column_batches, _gather_cols, _piece_slice
 from ._task_vectors import task_vector
 
 _SAMPLE_BLOCK = 256  # contiguous entries per sampled block
-_Z_SCORE = 5.0  # bracket half-width (standard errors): a miss costs passes, never exactness
+# Bracket half-width: the z-score whose two-sided normal tail, over all the sampled selects of
+# a merge, is _MISS_RATE. A miss costs passes (a second write pass), never exactness; wider
+# brackets cost work on every merge (the ambiguous entries scale with the width).
+_MISS_RATE = 1e-3
+
+
+def _z_score(n_selects: int) -> float:
+  """Half-width in standard errors giving every one of ``n_selects`` brackets together a
+  probability of about :data:`_MISS_RATE` of missing (e.g. 3.8 for 6 tasks' global
+  thresholds, 5.0 for 1800 per-leaf ones)."""
+  return statistics.NormalDist().inv_cdf(1.0 - _MISS_RATE / (2.0 * max(n_selects, 1)))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -192,6 +203,7 @@ def _selectors(pre, fts, items, sizes, trim, k, keep, budget_elems, sample: bool
   sels, est, direct = {}, {}, 0
   groups = [(None, leaves)] if trim == "global" else [(p, [p]) for p in leaves]
   n_all = sum(sizes[p] for p in leaves)
+  z = _z_score(t * sum(sum(sizes[p] for p in paths) > _topk.DIRECT_SIZE for _, paths in groups))
   for key, paths in groups:
     n = sum(sizes[p] for p in paths)
     n_keep = _topk.keep_count(k, max(n, 1), keep)
@@ -201,7 +213,7 @@ def _selectors(pre, fts, items, sizes, trim, k, keep, budget_elems, sample: bool
       cap = max(cap, n)
       direct += sum(sizes[p] * pre.dtypes[p].itemsize for p in paths)
     elif sample:
-      brackets = [_topk.sample_bracket(b, n, n_keep, z=_Z_SCORE, estimate=True)
+      brackets = [_topk.sample_bracket(b, n, n_keep, z=z, estimate=True)
                   for b in _sample_bits(pre, fts, paths, sizes, _sample_size(n), rng)]
     else:
       brackets = [None] * t

@@ -99,3 +99,17 @@ def test_estimate_fixes_cover_ties_at_the_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(_topk, "sample_bracket", bracket)
     stats = _check(tmp_path, pre, fts, chunk_bytes=300_000, k=0.25, trim="global")
     assert stats["passes"] == 1 and stats["fixed"] > 0, stats
+
+
+def test_bracket_width_spreads_the_miss_rate_over_the_selects():
+  """The brackets' z-score gives all of a merge's sampled selects together a two-sided
+  normal tail of ``_MISS_RATE``: wider with more selects (per-leaf trim), about 3.8 for
+  6 tasks' global thresholds."""
+  import math
+
+  from saft_jax.merging import _streaming_ties
+  for n in (1, 6, 48, 1800):
+    z = _streaming_ties._z_score(n)
+    tail = 2 * n * 0.5 * math.erfc(z / math.sqrt(2))  # 2 n (1 - Φ(z))
+    assert tail == pytest.approx(_streaming_ties._MISS_RATE, rel=1e-6)
+  assert 3.7 < _streaming_ties._z_score(6) < 3.8 < 5.0 < _streaming_ties._z_score(1800) < 5.1
