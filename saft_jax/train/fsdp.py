@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from saft_jax.train.mesh import place_leaf
+
 MODEL_AXIS = "model"
 # Leaves below this many elements (per run for stacked trees) stay replicated: 16 Ki
 # elements is 64 KiB in f32, below which an all-gather costs more than it saves.
@@ -89,15 +91,7 @@ def place(tree: Any, shardings: Any) -> Any:
   full values and gets global arrays (``jax.make_array_from_callback``); leaves that are
   already global arrays are resharded with ``jax.device_put``.
   """
-  def put(x, sharding):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x if x.sharding == sharding else jax.device_put(x, sharding)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-  return jax.tree.map(put, tree, shardings)
+  return jax.tree.map(place_leaf, tree, shardings)
 
 
 def shard_params(tree: Any, mesh: Mesh, model_axis: str = MODEL_AXIS, *,

@@ -46,19 +46,29 @@ def batch_sharding(mesh: Mesh, data_axis: str = DATA_AXIS) -> NamedSharding:
   return NamedSharding(mesh, P(data_axis))
 
 
+def place_leaf(x: Any, sharding: NamedSharding, *, reshard: bool = True) -> jax.Array:
+  """One leaf placed with ``sharding``.
+
+  Single process: ``jax.device_put``. Several processes: every process passes the same
+  full value and gets a global array (``jax.make_array_from_callback``). A leaf that is
+  already a global array is resharded with ``jax.device_put`` (``reshard``), or returned
+  as it is.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not reshard or x.sharding == sharding:
+      return x
+    return jax.device_put(x, sharding)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places every leaf fully replicated on ``mesh`` (all processes pass the same values)."""
+  """Places every leaf fully replicated on ``mesh`` (all processes pass the same values);
+  leaves that are already global arrays are kept as they are."""
   sharding = replicated_sharding(mesh)
-
-  def put(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x  # already a global array
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-  return jax.tree.map(put, tree)
+  return jax.tree.map(lambda x: place_leaf(x, sharding, reshard=False), tree)
 
 
 def to_host(tree: Any) -> Any:
