@@ -169,8 +169,9 @@ def _k_ties_bracket(buf, thr, lo, hi, lam, zero, disjoint):
 # ----------------------------------------------------------------------------- thresholds
 def _sample_bits(pre, fts, paths, sizes, n_entries: int, rng) -> List[np.ndarray]:
   """Per task, ``(n_blocks, 256)`` sampled ``|τ|`` bit patterns over ``paths``: random
-  contiguous blocks (a few pages of each memory-mapped file), about ``n_entries`` in all.
-  Leaves shorter than a block are not sampled (the bracket is a guess, checked exactly)."""
+  contiguous blocks (one read of a few pages each, :meth:`SafetensorsReader.blocks`), about
+  ``n_entries`` in all. Leaves shorter than a block are not sampled (the bracket is a guess,
+  checked exactly)."""
   total = sum(sizes[p] for p in paths)
   per: List[List[np.ndarray]] = [[] for _ in fts]
   for p in paths:
@@ -178,10 +179,10 @@ def _sample_bits(pre, fts, paths, sizes, n_entries: int, rng) -> List[np.ndarray
     nb = int(round(n_entries * n / max(total, 1) / _SAMPLE_BLOCK))
     if n < _SAMPLE_BLOCK or nb == 0:
       continue
-    idx = rng.integers(0, n - _SAMPLE_BLOCK + 1, nb)[:, None] + np.arange(_SAMPLE_BLOCK)
-    x0 = np.asarray(pre.view(p))[idx]
+    starts = rng.integers(0, n - _SAMPLE_BLOCK + 1, nb)
+    x0 = pre.blocks(p, starts, _SAMPLE_BLOCK)
     for t, r in enumerate(fts):
-      per[t].append(_np_tau_bits(x0, np.asarray(r.view(p))[idx]))
+      per[t].append(_np_tau_bits(x0, r.blocks(p, starts, _SAMPLE_BLOCK)))
   return [np.concatenate(b) if b else np.zeros((0, 1), np.int32) for b in per]
 
 

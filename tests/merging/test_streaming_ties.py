@@ -113,3 +113,31 @@ def test_bracket_width_spreads_the_miss_rate_over_the_selects():
     tail = 2 * n * 0.5 * math.erfc(z / math.sqrt(2))  # 2 n (1 - Φ(z))
     assert tail == pytest.approx(_streaming_ties._MISS_RATE, rel=1e-6)
   assert 3.7 < _streaming_ties._z_score(6) < 3.8 < 5.0 < _streaming_ties._z_score(1800) < 5.1
+
+
+def test_reader_blocks_equal_the_memory_mapped_views(tmp_path):
+  """The sample's block reads (``preadv`` per block) give the elements of ``view`` for
+  float32 and bfloat16 leaves, in single files and sharded directories."""
+  from saft_jax.merging import _io
+  rng = np.random.default_rng(0)
+  tensors = {"w": rng.normal(size=(40, 50)).astype(np.float32),
+             "v": rng.normal(size=(3000,)).astype(ml_dtypes.bfloat16)}
+  save_file(tensors, str(tmp_path / "one.safetensors"))
+  shards = tmp_path / "sharded"
+  shards.mkdir()
+  save_file({"w": tensors["w"]}, str(shards / "model-00001-of-00002.safetensors"))
+  save_file({"v": tensors["v"]}, str(shards / "model-00002-of-00002.safetensors"))
+  (shards / "model.safetensors.index.json").write_text(
+      '{"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors", '
+      '"v": "model-00002-of-00002.safetensors"}}')
+  for path in (tmp_path / "one.safetensors", shards):
+    reader = _io.open_checkpoint(str(path))
+    for p in ("w", "v"):
+      flat = np.asarray(reader.view(p))
+      starts = rng.integers(0, flat.size - 7 + 1, 25)
+      got = reader.blocks(p, starts, 7)
+      assert got.dtype == flat.dtype and got.shape == (25, 7)
+      np.testing.assert_array_equal(got, flat[starts[:, None] + np.arange(7)])
+      with pytest.raises(ValueError, match="outside tensor"):
+        reader.blocks(p, [flat.size - 3], 7)
+    reader.close()
