@@ -86,6 +86,15 @@ def checkpoint_format(path: str) -> str:
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
+def _map_range(fd: int, offset: int, count: int, dtype: np.dtype, *, write: bool = False):
+  """``(mapping, array)``: ``count`` elements of ``dtype`` at byte ``offset`` of the open
+  file ``fd``, through a mapping of just their pages (shared; writable with ``write``)."""
+  page = offset - offset % _PAGE
+  prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+  mm = mmap.mmap(fd, offset - page + count * dtype.itemsize, prot=prot, offset=page)
+  return mm, np.frombuffer(mm, dtype, count, offset - page)
+
+
 class SafetensorsReader:
   """Reads tensors of one ``.safetensors`` file, whole or as flat element ranges.
 
@@ -131,11 +140,9 @@ class SafetensorsReader:
       return np.zeros((0,), self.dtypes[p])
     if self._fd is None:
       self._fd = os.open(self.path, os.O_RDONLY)
-    b0 = self._base + a0 + start * dtype.itemsize
-    b1 = self._base + a0 + stop * dtype.itemsize
-    page = b0 - b0 % _PAGE
-    mm = mmap.mmap(self._fd, b1 - page, prot=mmap.PROT_READ, offset=page)
-    return np.frombuffer(mm, dtype, stop - start, b0 - page).view(self.dtypes[p])
+    _, arr = _map_range(self._fd, self._base + a0 + start * dtype.itemsize, stop - start,
+                        dtype)
+    return arr.view(self.dtypes[p])
 
   def blocks(self, p: str, starts: np.ndarray, width: int) -> np.ndarray:
     """``(len(starts), width)``: elements ``[s, s + width)`` of ``p`` for each flat offset
@@ -417,10 +424,8 @@ class SafetensorsWriter:
           continue
         dtype = dtypes[p].newbyteorder("<")
         lo, hi = int(idx.min()), int(idx.max()) + 1
-        b0 = self._base + self._offsets[p] + lo * dtype.itemsize
-        page = b0 - b0 % _PAGE
-        mm = mmap.mmap(fd, b0 - page + (hi - lo) * dtype.itemsize, offset=page)
-        part = np.frombuffer(mm, dtype, hi - lo, b0 - page)
+        mm, part = _map_range(fd, self._base + self._offsets[p] + lo * dtype.itemsize,
+                              hi - lo, dtype, write=True)
         part[idx - lo] = vals.astype(dtype)
         del part
         mm.close()
