@@ -77,11 +77,17 @@ def param_sharding(params: Any, mesh: Mesh, model_axis: str = MODEL_AXIS, *,
   Returns:
     A tree of the structure of ``params`` holding ``NamedSharding``s.
   """
+  return jax.tree.map(lambda x: leaf_sharding(x, mesh, model_axis, min_size=min_size,
+                                              leading_axes=leading_axes), params)
+
+
+def leaf_sharding(x: Any, mesh: Mesh, model_axis: str = MODEL_AXIS, *,
+                  min_size: int = MIN_SHARD_SIZE, leading_axes: int = 0) -> NamedSharding:
+  """The ``NamedSharding`` of one leaf (array or ``ShapeDtypeStruct``) by :func:`param_spec`
+  (replicated on a mesh without ``model_axis``)."""
   size = mesh.shape[model_axis] if has_model_axis(mesh, model_axis) else 1
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, param_spec(np.shape(x), size, model_axis,
-                                               min_size=min_size,
-                                               leading_axes=leading_axes)), params)
+  return NamedSharding(mesh, param_spec(np.shape(x), size, model_axis, min_size=min_size,
+                                        leading_axes=leading_axes))
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -102,8 +102,7 @@ class _FollowInputs:
   def shardings(self, first, frozen):
     """``(first_shardings, frozen_shardings)`` the call would use for these arguments."""
     mesh, axis = self._mesh, self._model_axis
-    rule = lambda x: jax.sharding.NamedSharding(mesh, fsdp.param_spec(
-        np.shape(x), mesh.shape[axis], axis, leading_axes=self._leading))
+    rule = lambda x: fsdp.leaf_sharding(x, mesh, axis, leading_axes=self._leading)
     repl = mesh_lib.replicated_sharding(mesh)
     return (fsdp.shardings_like(first, mesh, rule),
             fsdp.shardings_like(frozen, mesh, lambda _: repl))
