@@ -91,7 +91,8 @@ def _plan(pre, mergeable: Dict[str, bool], chunk_bytes: int, split: bool):
 
 # ----------------------------------------------------------------------------- reading
 def _aligned_empty(shape, dtype) -> np.ndarray:
-  """An uninitialized array in its own anonymous memory map: page-aligned (so
+  """A zero-filled array in its own anonymous memory map (zeroed by the OS as its pages
+  are first touched, so the zeros cost nothing up front): page-aligned (so
   ``jax.device_put`` aliases it on CPU instead of copying) and handed back to the OS when
   the last array on it is gone (malloc arenas would keep freed chunk buffers resident)."""
   dtype = np.dtype(dtype)
@@ -220,8 +221,7 @@ def _column_batches(chunks: List[_Chunk], fixes, rows: int):
     ch, start = chunks[ci], 0
     while start < offs.size:
       if ch.dtype not in open_:
-        gbuf = _aligned_empty((rows, ch.size), ch.dtype)
-        gbuf[:] = 0
+        gbuf = _aligned_empty((rows, ch.size), ch.dtype)  # a fresh mapping: zeros
         open_[ch.dtype] = [gbuf, []]
       gbuf, segs = open_[ch.dtype]
       c0 = segs[-1][3] if segs else 0

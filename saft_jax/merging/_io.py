@@ -84,6 +84,8 @@ def checkpoint_format(path: str) -> str:
 
 
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_PATCH_SPAN = 1 << 20  # bytes per read-modify-write window of the output patches
+_PATCH_GAP = 1 << 14  # patched entries further apart start a new window
 
 
 def _map_range(fd: int, offset: int, count: int, dtype: np.dtype, *, write: bool = False):
@@ -414,8 +416,10 @@ class SafetensorsWriter:
   def _apply_patches(self) -> None:
     if not self._patches:
       return
-    # A shared mapping of just the patched range, one patch at a time, no msync: the page
-    # cache holds the writes, and the process maps at most one patch's range at once.
+    # Read-modify-write of the patched byte windows with preadv/pwritev (no memory map:
+    # write faults on a shared file mapping cost several times the copies), one window of
+    # at most _PATCH_SPAN bytes at a time, split where patched entries lie _PATCH_GAP
+    # bytes apart. Entries patched twice keep the later value.
     dtypes = {p: dtype for p, _, dtype in self._order}
     fd = os.open(self._tmp, os.O_RDWR)
     try:
@@ -423,12 +427,24 @@ class SafetensorsWriter:
         if not idx.size:
           continue
         dtype = dtypes[p].newbyteorder("<")
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        mm, part = _map_range(fd, self._base + self._offsets[p] + lo * dtype.itemsize,
-                              hi - lo, dtype, write=True)
-        part[idx - lo] = vals.astype(dtype)
-        del part
-        mm.close()
+        isz = dtype.itemsize
+        vals = vals.astype(dtype).reshape(-1)
+        if idx.size > 1 and np.any(idx[1:] < idx[:-1]):
+          order = np.argsort(idx, kind="stable")
+          idx, vals = idx[order], vals[order]
+        pos = idx * isz
+        cut = np.flatnonzero((np.diff(pos) > _PATCH_GAP)
+                             | (np.diff(pos // _PATCH_SPAN) != 0)) + 1
+        base = self._base + self._offsets[p]
+        for a, b in zip([0, *cut.tolist()], [*cut.tolist(), idx.size]):
+          lo = int(idx[a])
+          win = np.empty(int(idx[b - 1]) - lo + 1, dtype)
+          raw = win.view(np.uint8)
+          if os.preadv(fd, [raw], base + lo * isz) != raw.size:
+            raise ValueError(f"{self._tmp}: tensor {p!r} is shorter than its patches")
+          win[idx[a:b] - lo] = vals[a:b]
+          if os.pwritev(fd, [raw], base + lo * isz) != raw.size:
+            raise OSError(f"{self._tmp}: short write while patching tensor {p!r}")
     finally:
       os.close(fd)
     self._patches = []

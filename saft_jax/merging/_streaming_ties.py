@@ -447,7 +447,9 @@ class _Ties:
       bits = _np_tau_bits(cols[0], cols[1:])
       groups = _groups(ch, self.trim)
       bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [ch.used])
-      need = np.isin(idx, self.major.get(ci, idx[:0]), assume_unique=True)
+      major = self.major.get(ci)
+      need = (np.zeros(idx.size, bool) if major is None
+              else np.isin(idx, major, assume_unique=True))
       for i in range(self.t):
         for g, (key, _, _) in enumerate(groups):
           a, b = sorted((self.est[(i, key)], self.thr[(i, key)]))
@@ -465,7 +467,8 @@ class _Ties:
     with ThreadPoolExecutor(_topk._threads(len(readers))) as ex:
       for ci in sorted(set(spilled) | set(self.major)):
         offs, cols = spilled.get(ci, (np.zeros(0, np.int32), None))
-        extra = np.setdiff1d(self.major.get(ci, offs[:0]), offs)
+        extra = (np.setdiff1d(self.major[ci], offs, assume_unique=True) if ci in self.major
+                 else offs[:0])
         if extra.size:
           more = _gather_cols(readers, chunks[ci], extra, ex)
           offs = np.concatenate([offs, extra])

@@ -173,3 +173,37 @@ def test_streaming_peak_memory_is_bounded(tmp_path):
   assert growth < 0.2 * total, (growth / 2**20, total / 2**20)
   with safe_open(str(tmp_path / "out.safetensors"), "numpy") as f:
     assert len(list(f.keys())) == nleaves
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_writer_patches_match_numpy(tmp_path, monkeypatch, dtype):
+  """Patches (unsorted, repeated, far apart, across the read-modify-write windows, on two
+  tensors) give the file NumPy's assignment would: later values win, other bytes kept."""
+  from saft_jax.merging import _io
+  monkeypatch.setattr(_io, "_PATCH_SPAN", 256)  # windows of 64-128 entries: many of them
+  monkeypatch.setattr(_io, "_PATCH_GAP", 64)
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal(5000).astype(dtype)
+  b = rng.standard_normal((40, 30)).astype(dtype)
+  path = str(tmp_path / "p.safetensors")
+  w = _io.SafetensorsWriter(path, [("a", a.shape, a.dtype), ("b", b.shape, b.dtype)])
+  w.write_part("a", a[:1234])
+  w.write_part("a", a[1234:])
+  w.write({"b": b})
+  want_a, want_b = a.copy(), b.reshape(-1).copy()
+  for _ in range(3):
+    idx = rng.integers(0, a.size, 300)
+    idx[:5] = [0, a.size - 1, 63, 64, 64]  # ends, a window edge, a repeat within a patch
+    vals = rng.standard_normal(idx.size).astype(dtype)
+    w.patch("a", idx, vals)
+    want_a[idx] = vals
+  idx = np.array([1199, 7, 7, 600])
+  vals = np.array([1.0, 2.0, 3.0, 4.0], dtype)
+  w.patch("b", idx, vals)
+  want_b[idx] = vals
+  w.close()
+  with safe_open(path, "np") as f:
+    got_a, got_b = f.get_tensor("a"), f.get_tensor("b")
+  assert got_a.view(np.uint8).tobytes() == want_a.view(np.uint8).tobytes()
+  assert got_b.reshape(-1).view(np.uint8).tobytes() == want_b.view(np.uint8).tobytes()
+  assert want_b[7] == 3.0
