@@ -32,7 +32,7 @@ import statistics
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -253,22 +253,64 @@ def _bracket_bounds(sels, chunk, t, trim):
   return bound(0), bound(1)
 
 
-def _ambiguous(words, host) -> Tuple[np.ndarray, np.ndarray]:
-  """Chunk offsets (int32) of the entries flagged ambiguous by :func:`_flag_words`, and
-  their ``(R, n)`` columns of the chunk's buffer."""
-  idx = np.flatnonzero(np.bitwise_and(words[0], _AMB) != 0).astype(np.int32)
+_SCAN_BLOCK = 1 << 16  # entries per block of :func:`_scan` (its temporaries stay in L2)
+
+
+class _Scan(NamedTuple):
+  """:func:`_scan`'s results for one chunk."""
+  idx: np.ndarray  # int32 chunk offsets of the ambiguous entries (bit 2)
+  above: np.ndarray  # (groups, T) int64: per group of :func:`_groups` and task, #(|τ| >= hi)
+  signs: int  # Σ of the elected signs (codes 1 and 3)
+  major: np.ndarray  # int32 chunk offsets of the entries with code 2 (majority-dependent)
+
+
+def _scan(sels, chunk: _Chunk, words, trim: str, t: int) -> _Scan:
+  """One read of a chunk's flag words (:func:`_flag_words`), block by block, so that the
+  dozen NumPy passes of the counts run over cache-resident blocks instead of the whole
+  chunk each: the ambiguous offsets, the above-bracket counts of the open counting passes
+  (a bracket ending at ``2**31`` has none above), and the sign code's sum and 2s."""
+  groups = _groups(chunk, trim)
+  w0 = words[0]
+  tmp = np.empty(min(_SCAN_BLOCK, max(chunk.used, 1)), w0.dtype)
+  flag = np.empty(tmp.size, bool)
+  above = np.zeros((len(groups), t), np.int64)
+  idx, major, signs = [], [], 0
+  for g, (key, a, b) in enumerate(groups):
+    tasks = []
+    for i in range(t):
+      br = sels[(i, key)].bracket()
+      if br is not None and br[1] < _topk._TOP:
+        tasks.append((i,) + _above_bit(i, t))
+    for s0 in range(a, b, _SCAN_BLOCK):
+      s1 = min(b, s0 + _SCAN_BLOCK)
+      x, tm, fl = w0[s0:s1], tmp[:s1 - s0], flag[:s1 - s0]
+      found = np.flatnonzero(np.not_equal(np.bitwise_and(x, _AMB, out=tm), 0, out=fl))
+      if found.size:
+        idx.append(found + s0)
+      for i, w, mask in tasks:
+        above[g, i] += np.count_nonzero(np.bitwise_and(words[w][s0:s1], mask, out=tm))
+      np.bitwise_and(x, 3, out=tm)  # the sign code: 1: +1, 3: -1, 2: depends on the majority
+      signs += (np.count_nonzero(np.equal(tm, 1, out=fl))
+                - np.count_nonzero(np.equal(tm, 3, out=fl)))
+      if np.count_nonzero(np.equal(tm, 2, out=fl)):
+        major.append(np.flatnonzero(fl) + s0)
+  cat = lambda parts: (np.concatenate(parts) if parts else np.zeros(0, np.int64)).astype(np.int32)
+  return _Scan(cat(idx), above, int(signs), cat(major))
+
+
+def _columns(idx: np.ndarray, host: np.ndarray) -> np.ndarray:
+  """The ``(R, len(idx))`` columns of the chunk's buffer at the offsets ``idx``."""
   cols = np.empty((host.shape[0], idx.size), host.dtype)
   for r in range(host.shape[0]):  # row by row: sequential reads, not 2-MB strides
     np.take(host[r], idx, out=cols[r])
-  return idx, cols
+  return cols
 
 
-def _bracket_counts(sels, chunk: _Chunk, words, idx, cols, trim: str) -> None:
-  """One chunk of a counting pass, from :func:`_flag_words` and :func:`_ambiguous`: per
-  task, ``#(|τ| >= hi)`` is counted on the flags, and only the ambiguous entries get their
-  ``|τ|`` bit patterns (in NumPy, from their columns)."""
+def _bracket_counts(sels, chunk: _Chunk, above: np.ndarray, idx, cols, trim: str) -> None:
+  """One chunk of a counting pass, from :func:`_scan` and :func:`_columns`: per task, the
+  scan's ``#(|τ| >= hi)``, and only the ambiguous entries get their ``|τ|`` bit patterns
+  (in NumPy, from their columns)."""
   t = cols.shape[0] - 1
-  tmp = np.empty_like(words[0])
   groups = _groups(chunk, trim)
   bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [chunk.used])
   bits = _np_tau_bits(cols[0], cols[1:]).view(np.uint32)
@@ -282,12 +324,10 @@ def _bracket_counts(sels, chunk: _Chunk, words, idx, cols, trim: str) -> None:
     for i in range(t):
       if brs[i] is None:
         continue
-      w, mask = _above_bit(i, t)
-      c_hi = (int(np.count_nonzero(np.bitwise_and(words[w][a:b], mask, out=tmp[a:b])))
-              if brs[i][1] < _topk._TOP else 0)
       vals = bb[i][ins[i]]
       eq = vals == lo[i]
-      sels[(i, key)].add_counts(c_hi, int(np.count_nonzero(eq)), vals[~eq].view(np.int32))
+      sels[(i, key)].add_counts(int(above[g, i]), int(np.count_nonzero(eq)),
+                                vals[~eq].view(np.int32))
 
 
 def _words(words, chunk: _Chunk) -> List[np.ndarray]:
@@ -302,7 +342,8 @@ def _select_chunk(sels, chunk: _Chunk, buf, trim: str) -> None:
   if trim == "global" and all(s.bracket() is not None for s in sels.values()
                               if s.result is None):
     words = _words(_k_bracket(buf, *_bracket_bounds(sels, chunk, t, trim)), chunk)
-    _bracket_counts(sels, chunk, words, *_ambiguous(words, np.asarray(buf)), trim)
+    sc = _scan(sels, chunk, words, trim, t)
+    _bracket_counts(sels, chunk, sc.above, sc.idx, _columns(sc.idx, np.asarray(buf)), trim)
     return
   bits = [np.asarray(b) for b in _k_tau_bits(buf)]
   for i in range(t):
@@ -392,11 +433,9 @@ class _Ties:
     if np.count_nonzero(code == 2):
       self.major[ch.index] = np.flatnonzero(code == 2).astype(np.int32)
 
-  def _fused_counts(self, ch: _Chunk, words, idx, cols, flags) -> None:
-    del flags  # held until here: the device buffers under the NumPy views ``words``
-    _bracket_counts(self.sels, ch, words, idx, cols, self.trim)
-    self._keep(ch.index, idx, cols)
-    self._count_signs(ch, words[0] & 3)  # 1: +1, 3: -1, 2: depends on the majority
+  def _fused_counts(self, ch: _Chunk, sc: _Scan, cols) -> None:
+    _bracket_counts(self.sels, ch, sc.above, sc.idx, cols, self.trim)
+    self._keep(ch.index, sc.idx, cols)
 
   def _wait(self) -> None:
     if self._pending is not None:
@@ -409,10 +448,15 @@ class _Ties:
       lo, hi = _bracket_bounds(self.sels, ch, self.t, self.trim)
       out, *flags = _k_ties_bracket(buf, self._values(ch, self.est), lo, hi, self.lam, _ZERO,
                                     self.disjoint)
-      words = _words(flags, ch)
-      idx, cols = _ambiguous(words, np.asarray(buf))  # the buffer is refilled after this
+      # The brackets the scan reads stay fixed during the pass (the worker only counts).
+      sc = _scan(self.sels, ch, _words(flags, ch), self.trim, self.t)
+      del flags
+      cols = _columns(sc.idx, np.asarray(buf))  # the buffer is refilled after this
+      self.total += sc.signs
+      if sc.major.size:
+        self.major[ch.index] = sc.major
       self._wait()
-      self._pending = self._worker.submit(self._fused_counts, ch, words, idx, cols, flags)
+      self._pending = self._worker.submit(self._fused_counts, ch, sc, cols)
       return np.asarray(out)
     maj = jnp.float32(-1.0 if self.majority is None else self.majority)
     out, code = _k_ties(buf, self._values(ch, self.thr), self.lam, maj, _ZERO, self.disjoint)

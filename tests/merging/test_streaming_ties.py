@@ -141,3 +141,53 @@ def test_reader_blocks_equal_the_memory_mapped_views(tmp_path):
       with pytest.raises(ValueError, match="outside tensor"):
         reader.blocks(p, [flat.size - 3], 7)
     reader.close()
+
+
+@pytest.mark.parametrize("t", [3, 31])  # one uint16 flag word; two uint32 words
+@pytest.mark.parametrize("trim", ["global", "per_leaf"])
+def test_flag_scan_equals_direct_counts(monkeypatch, t, trim):
+  """The blocked scan of the fused pass's flag words gives, per threshold group and task,
+  the count above the bracket, the ambiguous offsets, the elected signs' sum and the
+  majority-dependent offsets that direct NumPy on ``|τ|`` gives (blocks cut across the
+  leaves, brackets ending at 2**31 or closed)."""
+  from saft_jax.merging import _chunks, _streaming_ties as st
+  monkeypatch.setattr(st, "_SCAN_BLOCK", 777)
+  rng = np.random.default_rng(t)
+  n = 5000
+  bits = rng.integers(0, 1 << 12, (t, n)).astype(np.int32)  # |τ| bit patterns
+  code = rng.choice(np.array([0, 1, 3, 2], np.int8), n, p=[0.3, 0.3, 0.3, 0.1])
+  chunk = _chunks._Chunk(np.dtype(np.float32), n, 0)
+  for i, (a, b) in enumerate([(0, 1234), (1234, 1235), (1235, 4000), (4000, n)]):
+    chunk.pieces.append(_chunks._Piece(f"p{i}", 0, b - a, a))
+  groups = st._groups(chunk, trim)
+
+  class Sel:
+    def __init__(self, br):
+      self.br = br
+
+    def bracket(self):
+      return self.br
+
+  sels, lo, hi = {}, np.zeros((t, n), np.int64), np.zeros((t, n), np.int64)
+  for key, a, b in groups:
+    for i in range(t):
+      l0 = int(rng.integers(0, 1 << 11))
+      br = [(l0, l0 + 500), (l0, 1 << 31), None][i % 3]
+      sels[(i, key)] = Sel(br)
+      lo[i, a:b], hi[i, a:b] = (st._MAX_BITS, st._MAX_BITS) if br is None else (
+          br[0], min(br[1], st._MAX_BITS))
+  tvs = [jnp.asarray(bits[i]).view(jnp.float32) for i in range(t)]
+  words = [np.asarray(w) for w in st._flag_words(
+      tvs, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), jnp.asarray(code))]
+  got = st._scan(sels, chunk, words, trim, t)
+
+  inside = ((bits >= lo) & (bits < hi)).any(0) | (code == 2)
+  np.testing.assert_array_equal(got.idx, np.flatnonzero(inside))
+  np.testing.assert_array_equal(got.major, np.flatnonzero(code == 2))
+  assert got.signs == np.count_nonzero(code == 1) - np.count_nonzero(code == 3)
+  for g, (key, a, b) in enumerate(groups):
+    for i in range(t):
+      br = sels[(i, key)].bracket()
+      want = 0 if br is None or br[1] >= 1 << 31 else np.count_nonzero(bits[i, a:b] >= br[1])
+      assert got.above[g, i] == want, (key, i)
+  assert got.above.any()
