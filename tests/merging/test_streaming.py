@@ -180,20 +180,27 @@ def test_writer_patches_match_numpy(tmp_path, monkeypatch, dtype):
   """Patches (unsorted, repeated, far apart, across the read-modify-write windows, on two
   tensors) give the file NumPy's assignment would: later values win, other bytes kept."""
   from saft_jax.merging import _io
-  monkeypatch.setattr(_io, "_PATCH_SPAN", 256)  # windows of 64-128 entries: many of them
-  monkeypatch.setattr(_io, "_PATCH_GAP", 64)
+  monkeypatch.setattr(_io, "_PATCH_SPAN", 4096)  # one-page windows: many of them
   rng = np.random.default_rng(0)
-  a = rng.standard_normal(5000).astype(dtype)
+  a = rng.standard_normal(20001).astype(dtype)
   b = rng.standard_normal((40, 30)).astype(dtype)
+  c = np.arange(3, dtype=ml_dtypes.bfloat16)  # 6 bytes first: entries straddle the pages
   path = str(tmp_path / "p.safetensors")
-  w = _io.SafetensorsWriter(path, [("a", a.shape, a.dtype), ("b", b.shape, b.dtype)])
+  w = _io.SafetensorsWriter(path, [("c", c.shape, c.dtype), ("a", a.shape, a.dtype),
+                                   ("b", b.shape, b.dtype)])
+  w.write({"c": c})
   w.write_part("a", a[:1234])
   w.write_part("a", a[1234:])
   w.write({"b": b})
   want_a, want_b = a.copy(), b.reshape(-1).copy()
+  first = w._base + w._offsets["a"]  # byte position of a[0] in the file
+  across = [j for j in range(a.size) if (first + a.itemsize * j) % 4096 > 4096 - a.itemsize]
+  assert bool(across) == (a.itemsize == 4)
+  w.patch("a", np.array(across), np.full(len(across), 7.0, dtype))
+  want_a[across] = 7.0
   for _ in range(3):
     idx = rng.integers(0, a.size, 300)
-    idx[:5] = [0, a.size - 1, 63, 64, 64]  # ends, a window edge, a repeat within a patch
+    idx[:5] = [0, a.size - 1, 1000, 1001, 1001]  # ends, a window edge, a repeat
     vals = rng.standard_normal(idx.size).astype(dtype)
     w.patch("a", idx, vals)
     want_a[idx] = vals
@@ -203,7 +210,8 @@ def test_writer_patches_match_numpy(tmp_path, monkeypatch, dtype):
   want_b[idx] = vals
   w.close()
   with safe_open(path, "np") as f:
-    got_a, got_b = f.get_tensor("a"), f.get_tensor("b")
+    got_a, got_b, got_c = f.get_tensor("a"), f.get_tensor("b"), f.get_tensor("c")
+  assert got_c.view(np.uint8).tobytes() == c.view(np.uint8).tobytes()
   assert got_a.view(np.uint8).tobytes() == want_a.view(np.uint8).tobytes()
   assert got_b.reshape(-1).view(np.uint8).tobytes() == want_b.view(np.uint8).tobytes()
   assert want_b[7] == 3.0
