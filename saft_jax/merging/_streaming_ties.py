@@ -167,28 +167,23 @@ def _k_ties_bracket(buf, thr, lo, hi, lam, zero, disjoint):
 
 
 # ----------------------------------------------------------------------------- thresholds
-def _sample_brackets(pre, fts, paths, sizes, n: int, n_keep: int, z: float, rng, ex):
-  """Per task, :func:`._topk.sample_bracket` ``(lo, hi, estimate)`` of its ``n_keep``-th
-  largest ``|τ|`` over ``paths`` (``n`` entries), from random contiguous blocks of the
-  leaves (one read of a few pages each, :meth:`SafetensorsReader.blocks`), about
-  :func:`_sample_size` entries in all; the tasks' reads and selects run on the thread pool
-  ``ex``.
-  Leaves shorter than a block are not sampled (the bracket is a guess, checked exactly)."""
-  plan = []
-  n_entries = _sample_size(n)
+def _sample_bits(pre, fts, paths, sizes, n_entries: int, rng) -> List[np.ndarray]:
+  """Per task, ``(n_blocks, 256)`` sampled ``|τ|`` bit patterns over ``paths``: random
+  contiguous blocks (one read of a few pages each, :meth:`SafetensorsReader.blocks`), about
+  ``n_entries`` in all. Leaves shorter than a block are not sampled (the bracket is a guess,
+  checked exactly)."""
+  total = sum(sizes[p] for p in paths)
+  per: List[List[np.ndarray]] = [[] for _ in fts]
   for p in paths:
-    nb = int(round(n_entries * sizes[p] / max(n, 1) / _SAMPLE_BLOCK))
-    if sizes[p] >= _SAMPLE_BLOCK and nb:
-      plan.append((p, rng.integers(0, sizes[p] - _SAMPLE_BLOCK + 1, nb)))
-  x0 = [pre.blocks(p, starts, _SAMPLE_BLOCK) for p, starts in plan]
-
-  def one(r):
-    bits = [_np_tau_bits(x0[j], r.blocks(p, starts, _SAMPLE_BLOCK))
-            for j, (p, starts) in enumerate(plan)]
-    bits = np.concatenate(bits) if bits else np.zeros((0, 1), np.int32)
-    return _topk.sample_bracket(bits, n, n_keep, z=z, estimate=True)
-
-  return list(ex.map(one, fts))
+    n = sizes[p]
+    nb = int(round(n_entries * n / max(total, 1) / _SAMPLE_BLOCK))
+    if n < _SAMPLE_BLOCK or nb == 0:
+      continue
+    starts = rng.integers(0, n - _SAMPLE_BLOCK + 1, nb)
+    x0 = pre.blocks(p, starts, _SAMPLE_BLOCK)
+    for t, r in enumerate(fts):
+      per[t].append(_np_tau_bits(x0, r.blocks(p, starts, _SAMPLE_BLOCK)))
+  return [np.concatenate(b) if b else np.zeros((0, 1), np.int32) for b in per]
 
 
 def _sample_size(n: int) -> int:
@@ -210,23 +205,23 @@ def _selectors(pre, fts, items, sizes, trim, k, keep, budget_elems, sample: bool
   groups = [(None, leaves)] if trim == "global" else [(p, [p]) for p in leaves]
   n_all = sum(sizes[p] for p in leaves)
   z = _z_score(t * sum(sum(sizes[p] for p in paths) > _topk.DIRECT_SIZE for _, paths in groups))
-  with ThreadPoolExecutor(_topk._threads(t)) as ex:
-    for key, paths in groups:
-      n = sum(sizes[p] for p in paths)
-      n_keep = _topk.keep_count(k, max(n, 1), keep)
-      cap = max(_topk.DIRECT_SIZE, int(budget_elems * n / max(n_all, 1) / t))
-      if n <= _topk.DIRECT_SIZE:
-        brackets = [(0, _topk._TOP, _MAX_BITS)] * t  # every entry inside: one exact pass
-        cap = max(cap, n)
-        direct += sum(sizes[p] * pre.dtypes[p].itemsize for p in paths)
-      elif sample:
-        brackets = _sample_brackets(pre, fts, paths, sizes, n, n_keep, z, rng, ex)
-      else:
-        brackets = [None] * t
-      for i in range(t):
-        b = brackets[i]
-        sels[(i, key)] = _topk.KthSelector(n_keep, b and b[:2], cap=cap, n=n)
-        est[(i, key)] = _MAX_BITS if b is None else min(b[2], _MAX_BITS)
+  for key, paths in groups:
+    n = sum(sizes[p] for p in paths)
+    n_keep = _topk.keep_count(k, max(n, 1), keep)
+    cap = max(_topk.DIRECT_SIZE, int(budget_elems * n / max(n_all, 1) / t))
+    if n <= _topk.DIRECT_SIZE:
+      brackets = [(0, _topk._TOP, _MAX_BITS)] * t  # every entry inside: one exact pass
+      cap = max(cap, n)
+      direct += sum(sizes[p] * pre.dtypes[p].itemsize for p in paths)
+    elif sample:
+      brackets = [_topk.sample_bracket(b, n, n_keep, z=z, estimate=True)
+                  for b in _sample_bits(pre, fts, paths, sizes, _sample_size(n), rng)]
+    else:
+      brackets = [None] * t
+    for i in range(t):
+      b = brackets[i]
+      sels[(i, key)] = _topk.KthSelector(n_keep, b and b[:2], cap=cap, n=n)
+      est[(i, key)] = _MAX_BITS if b is None else min(b[2], _MAX_BITS)
   return sels, est, direct
 
 
@@ -483,41 +478,39 @@ class _Ties:
     self.fused, self.total, self.major, self._spilled = False, 0, {}, []
     return False
 
-  def _spilled_fix(self, chunks: List[_Chunk], record):
-    """``(chunk index, offsets, columns)`` of one spilled chunk's entries whose kept status
-    differs between the estimates and the thresholds for some task (None if none)."""
-    ci, m, pos = record
+  def _spilled_fixes(self, chunks: List[_Chunk]):
+    """``(chunk index, offsets, columns)`` of the spilled entries whose kept status differs
+    between the estimates and the thresholds, for some task."""
     fd = self._spill.fileno()
-    ch = chunks[ci]
-    idx = np.frombuffer(os.pread(fd, 4 * m, pos), np.int32)
-    cols = np.frombuffer(os.pread(fd, (self.t + 1) * m * ch.dtype.itemsize, pos + 4 * m),
-                         ch.dtype).reshape(self.t + 1, m)
-    bits = _np_tau_bits(cols[0], cols[1:])
-    groups = _groups(ch, self.trim)
-    bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [ch.used])
-    major = self.major.get(ci)
-    need = (np.zeros(idx.size, bool) if major is None
-            else np.isin(idx, major, assume_unique=True))
-    for i in range(self.t):
-      for g, (key, _, _) in enumerate(groups):
-        a, b = sorted((self.est[(i, key)], self.thr[(i, key)]))
-        sl = slice(bounds[g], bounds[g + 1])
-        need[sl] |= bits[i, sl].view(np.uint32) - np.uint32(a) < np.uint32(b - a)
-    sel = np.flatnonzero(need)
-    return (ci, idx[sel], cols[:, sel]) if sel.size else None
+    r = self.t + 1
+    for ci, m, pos in self._spilled:
+      ch = chunks[ci]
+      idx = np.frombuffer(os.pread(fd, 4 * m, pos), np.int32)
+      cols = np.frombuffer(os.pread(fd, r * m * ch.dtype.itemsize, pos + 4 * m),
+                           ch.dtype).reshape(r, m)
+      bits = _np_tau_bits(cols[0], cols[1:])
+      groups = _groups(ch, self.trim)
+      bounds = np.searchsorted(idx, [a for _, a, _ in groups] + [ch.used])
+      major = self.major.get(ci)
+      need = (np.zeros(idx.size, bool) if major is None
+              else np.isin(idx, major, assume_unique=True))
+      for i in range(self.t):
+        for g, (key, _, _) in enumerate(groups):
+          a, b = sorted((self.est[(i, key)], self.thr[(i, key)]))
+          sl = slice(bounds[g], bounds[g + 1])
+          need[sl] |= bits[i, sl].view(np.uint32) - np.uint32(a) < np.uint32(b - a)
+      sel = np.flatnonzero(need)
+      if sel.size:
+        yield ci, idx[sel], cols[:, sel]
 
   def _fixes(self, readers, chunks: List[_Chunk]):
     """Every chunk's entries to recompute, sorted: ``(chunk index, offsets, columns)``. The
-    spilled chunks are read back on a thread pool; the majority-dependent entries not
-    spilled (after an exact write pass) are read back from the inputs."""
+    majority-dependent entries not spilled (after an exact write pass) are read back from
+    the inputs."""
+    spilled = dict((ci, (o, c)) for ci, o, c in self._spilled_fixes(chunks)) if self.fused else {}
     with ThreadPoolExecutor(_topk._threads(len(readers))) as ex:
-      spilled = {}
-      if self.fused:
-        for r in ex.map(partial(self._spilled_fix, chunks), self._spilled):
-          if r is not None:
-            spilled[r[0]] = r[1:]
       for ci in sorted(set(spilled) | set(self.major)):
-        offs, cols = spilled.pop(ci, (np.zeros(0, np.int32), None))
+        offs, cols = spilled.get(ci, (np.zeros(0, np.int32), None))
         extra = (np.setdiff1d(self.major[ci], offs, assume_unique=True) if ci in self.major
                  else offs[:0])
         if extra.size:
