@@ -87,12 +87,12 @@ _PAGE = mmap.ALLOCATIONGRANULARITY
 _PATCH_SPAN = 1 << 21  # bytes per mapped window of the output patches (aligned)
 
 
-def _map_range(fd: int, offset: int, count: int, dtype: np.dtype, *, write: bool = False):
+def _map_range(fd: int, offset: int, count: int, dtype: np.dtype):
   """``(mapping, array)``: ``count`` elements of ``dtype`` at byte ``offset`` of the open
-  file ``fd``, through a mapping of just their pages (shared; writable with ``write``)."""
+  file ``fd``, through a read-only mapping of just their pages."""
   page = offset - offset % _PAGE
-  prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-  mm = mmap.mmap(fd, offset - page + count * dtype.itemsize, prot=prot, offset=page)
+  mm = mmap.mmap(fd, offset - page + count * dtype.itemsize, prot=mmap.PROT_READ,
+                 offset=page)
   return mm, np.frombuffer(mm, dtype, count, offset - page)
 
 
