@@ -15,8 +15,9 @@ TIES over safetensors inputs (output patchable in place):
    entries (TIES's majority-sign fallback, spilled too), are recomputed by the same kernel
    and patched in place where they change.
 
-One chunk's NumPy work (counts, candidates, spill) runs on a worker thread while the main
-thread runs the next chunk's kernel, and the reader thread reads the one after.
+The main thread scans each chunk's flags (in cache-sized blocks) and gathers its ambiguous
+columns; their counts, candidates and spill run on a worker thread while the main thread runs
+the next chunk's kernel, and the reader thread reads the one after.
 
 So global TIES reads the inputs once (plus the sample and the spill). A missed bracket or
 a spill over ``_streaming._SPILL_SHARE`` of the inputs falls back to radix select passes
@@ -125,8 +126,7 @@ def _np_tau_bits(x0: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _ties_parts(buf, thr):
-  x0, xs = _split(buf)
-  tvs = [task_vector({"w": x0}, {"w": x})["w"] for x in xs]
+  x0, tvs = buf[0], _taus(buf)
   trimmed = [_ties.trim_leaf(tv, thr[i]) for i, tv in enumerate(tvs)]
   sign = _ties.sum_sign_leaf(trimmed)
   return x0, tvs, trimmed, sign
@@ -290,8 +290,7 @@ def _scan(sels, chunk: _Chunk, words, trim: str, t: int) -> _Scan:
       for i, w, mask in tasks:
         above[g, i] += np.count_nonzero(np.bitwise_and(words[w][s0:s1], mask, out=tm))
       np.bitwise_and(x, 3, out=tm)  # the sign code: 1: +1, 3: -1, 2: depends on the majority
-      signs += (np.count_nonzero(np.equal(tm, 1, out=fl))
-                - np.count_nonzero(np.equal(tm, 3, out=fl)))
+      signs += _sign_sum(tm)
       if np.count_nonzero(np.equal(tm, 2, out=fl)):
         major.append(np.flatnonzero(fl) + s0)
   cat = lambda parts: (np.concatenate(parts) if parts else np.zeros(0, np.int64)).astype(np.int32)
@@ -377,8 +376,8 @@ class _Ties:
     self.total = 0  # Σ elected signs written (entries depending on the majority excluded)
     self.major: Dict[int, np.ndarray] = {}  # chunk index -> offsets depending on it
     self._spill = tempfile.TemporaryFile(dir=spill_dir, buffering=0) if fused else None
-    # The fused pass's per-chunk NumPy work runs on a worker thread (at most one chunk
-    # behind), overlapping the next chunk's kernel.
+    # The fused pass's counts of the ambiguous entries and the spill run on a worker thread
+    # (at most one chunk behind), overlapping the next chunk's kernel and flag scan.
     self._worker = ThreadPoolExecutor(1) if fused else None
     self._pending = None
     self._spilled: List[Tuple[int, int, int]] = []  # (chunk index, columns, file offset)
