@@ -2,7 +2,7 @@
 
 The mergeable leaves are cut into flat pieces packed, in file order, into fixed-size
 chunks of one dtype (:func:`_plan`); a chunk is read as one ``(R, size)`` buffer (the
-pretrained model, then the fine-tuned ones) from memory-mapped inputs (:func:`_load_chunk`),
+pretrained model, then the fine-tuned ones) with ``os.preadv`` (:func:`_load_chunk`),
 the next one in a reader thread (:func:`_prefetched`). Used by :mod:`._streaming` and
 :mod:`._streaming_ties`.
 """
@@ -134,14 +134,33 @@ def _load_chunk(readers, chunk: _Chunk, pool: Optional[_BufferPool] = None):
   if chunk.used < chunk.size:
     buf[:, chunk.used:] = 0
   for r, reader in enumerate(readers):
-    whole = (reader.read([pc.path for pc in chunk.pieces]) if reader.format == "orbax"
-             else None)
-    for pc in chunk.pieces:
-      v = (whole[pc.path].reshape(-1)[pc.start:pc.stop] if whole is not None
-           else reader.view(pc.path, pc.start, pc.stop))
-      np.copyto(buf[r, pc.off:pc.off + v.size], v)
-      del v
+    if reader.format == "orbax":
+      whole = reader.read([pc.path for pc in chunk.pieces])
+      for pc in chunk.pieces:
+        np.copyto(buf[r, pc.off:pc.off + pc.stop - pc.start],
+                  whole[pc.path].reshape(-1)[pc.start:pc.stop])
+      continue
+    row = memoryview(buf[r].view(np.uint8))
+    for f, pos, dest, n in _runs(reader, chunk):
+      f.pread(row[dest:dest + n], pos)
   return jax.device_put(buf)
+
+
+def _runs(reader, chunk: _Chunk) -> List[Tuple[object, int, int, int]]:
+  """``(file, offset, buffer offset, bytes)``: the chunk's pieces in ``reader``'s files
+  (:meth:`~._io.SafetensorsReader.byte_range`, in bytes), pieces adjacent in both the file
+  and the buffer joined into one read."""
+  isz = chunk.dtype.itemsize
+  runs: List[List] = []
+  for pc in chunk.pieces:
+    f, pos, n = reader.byte_range(pc.path, pc.start, pc.stop)
+    dest = pc.off * isz
+    last = runs[-1] if runs else None
+    if last and last[0] is f and last[1] + last[3] == pos and last[2] + last[3] == dest:
+      last[3] += n
+    else:
+      runs.append([f, pos, dest, n])
+  return [tuple(x) for x in runs]
 
 
 def _prefetched(items, load) -> Iterator:

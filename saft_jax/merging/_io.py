@@ -134,14 +134,10 @@ class SafetensorsReader:
     n = self.size(p)
     stop = n if stop is None else stop
     dtype = self.dtypes[p].newbyteorder("<")
-    a0, a1 = self._offsets[p]
-    if a1 - a0 != n * dtype.itemsize or self._base + a1 > self._size:
-      raise ValueError(f"{self.path}: tensor {p!r} is truncated")
+    a0 = self._extent(p)
     if stop <= start:
       return np.zeros((0,), self.dtypes[p])
-    if self._fd is None:
-      self._fd = os.open(self.path, os.O_RDONLY)
-    _, arr = _map_range(self._fd, self._base + a0 + start * dtype.itemsize, stop - start,
+    _, arr = _map_range(self._open(), self._base + a0 + start * dtype.itemsize, stop - start,
                         dtype)
     return arr.view(self.dtypes[p])
 
@@ -155,24 +151,58 @@ class SafetensorsReader:
       raise ValueError(f"{self.path}: blocks of {width} outside tensor {p!r} ({n} elements)")
     dtype = self.dtypes[p]
     out = np.empty((starts.size, width), dtype)
+    fd, base, isz = self._open(), self._base + self._extent(p), dtype.itemsize
+    raw = out.view(np.uint8).reshape(starts.size, width * isz)
+    for j, s in enumerate(starts.tolist()):
+      self._pread(fd, raw[j], base + s * isz, p)
+    return out
+
+  def _extent(self, p: str) -> int:
+    """``p``'s first data byte (relative to the data section), after checking that the
+    header's byte range holds the whole tensor and lies inside the file."""
+    a0, a1 = self._offsets[p]
+    if a1 - a0 != self.size(p) * self.dtypes[p].itemsize or self._base + a1 > self._size:
+      raise ValueError(f"{self.path}: tensor {p!r} is truncated")
+    return a0
+
+  def byte_range(self, p: str, start: int, stop: int) -> Tuple["SafetensorsReader", int, int]:
+    """``(file, offset, bytes)`` of elements ``[start, stop)`` of ``p``: the reader of the
+    file holding them (this one) and their byte range in it, for :meth:`pread`."""
+    n = self.size(p)
+    if not 0 <= start <= stop <= n:
+      raise ValueError(f"{self.path}: elements [{start}, {stop}) outside tensor {p!r} "
+                       f"({n} elements)")
+    isz = self.dtypes[p].itemsize
+    return self, self._base + self._extent(p) + start * isz, (stop - start) * isz
+
+  def pread(self, raw, pos: int) -> None:
+    """Fill the writable bytes ``raw`` (a memoryview or uint8 array) from byte ``pos`` of
+    the file with ``os.preadv``: one copy from the page cache, no mapping to set up and
+    fault in (about twice as fast as copying from a fresh memory map)."""
+    self._pread(self._open(), raw, pos, "data")
+
+  def _open(self) -> int:
     if self._fd is None:
       self._fd = os.open(self.path, os.O_RDONLY)
-    base, isz, nbytes = self._base + self._offsets[p][0], dtype.itemsize, width * dtype.itemsize
-    raw = out.view(np.uint8).reshape(starts.size, nbytes)
-    for j, s in enumerate(starts.tolist()):
-      if os.preadv(self._fd, [raw[j]], base + s * isz) != nbytes:
+    return self._fd
+
+  def _pread(self, fd: int, raw, pos: int, p: str) -> None:
+    """Fill the bytes ``raw`` from file offset ``pos`` (short reads resumed)."""
+    mv, done = memoryview(raw).cast("B"), 0
+    while done < mv.nbytes:
+      got = os.preadv(fd, [mv[done:]], pos + done)
+      if got <= 0:
         raise ValueError(f"{self.path}: tensor {p!r} is truncated")
-    return out
+      done += got
 
   def prefetch(self, p: str, start: int = 0, stop: Optional[int] = None) -> None:
     """Ask the kernel to read elements ``[start, stop)`` of ``p`` ahead (no memory cost)."""
-    if self._fd is None:
-      self._fd = os.open(self.path, os.O_RDONLY)
+    fd = self._open()
     isz = self.dtypes[p].itemsize
     b0 = self._base + self._offsets[p][0] + start * isz
     n = ((self.size(p) if stop is None else stop) - start) * isz
     if hasattr(os, "posix_fadvise") and n > 0:
-      os.posix_fadvise(self._fd, b0, n, os.POSIX_FADV_WILLNEED)
+      os.posix_fadvise(fd, b0, n, os.POSIX_FADV_WILLNEED)
 
   def read(self, paths: Sequence[str]) -> Dict[str, np.ndarray]:
     """Whole tensors as (copied) arrays of their shapes."""
@@ -244,6 +274,17 @@ class ShardedSafetensorsReader:
 
   def blocks(self, p: str, starts: np.ndarray, width: int) -> np.ndarray:
     return self._shards[self.shard_of[p]].blocks(p, starts, width)
+
+  def _extent(self, p: str) -> int:
+    """``p``'s first data byte (relative to the data section), after checking that the
+    header's byte range holds the whole tensor and lies inside the file."""
+    a0, a1 = self._offsets[p]
+    if a1 - a0 != self.size(p) * self.dtypes[p].itemsize or self._base + a1 > self._size:
+      raise ValueError(f"{self.path}: tensor {p!r} is truncated")
+    return a0
+
+  def byte_range(self, p: str, start: int, stop: int):
+    return self._shards[self.shard_of[p]].byte_range(p, start, stop)
 
   def prefetch(self, p: str, start: int = 0, stop: Optional[int] = None) -> None:
     self._shards[self.shard_of[p]].prefetch(p, start, stop)

@@ -215,3 +215,55 @@ def test_writer_patches_match_numpy(tmp_path, monkeypatch, dtype):
   assert got_a.view(np.uint8).tobytes() == want_a.view(np.uint8).tobytes()
   assert got_b.reshape(-1).view(np.uint8).tobytes() == want_b.view(np.uint8).tobytes()
   assert want_b[7] == 3.0
+
+
+def test_chunk_reads_equal_the_tensors(tmp_path):
+  """The chunk reader's ``preadv`` runs fill each chunk buffer with the pieces' elements
+  (float32 and bfloat16, single file and a sharded copy split differently), join pieces
+  adjacent in file and buffer, and name a truncated file or an out-of-range request."""
+  from saft_jax.merging import _chunks, _io
+  rng = np.random.default_rng(0)
+  names = ["a", "b", "c", "d", "e"]
+  tensors = {k: rng.normal(size=n).astype(np.float32) for k, n in zip(names, (700, 3, 1500, 64, 999))}
+  tensors["h"] = rng.normal(size=(30, 11)).astype(ml_dtypes.bfloat16)
+  save_file(tensors, str(tmp_path / "one.safetensors"))
+  shards = tmp_path / "sharded"
+  shards.mkdir()
+  split = {"model-00001-of-00002.safetensors": ["a", "b", "h"],
+           "model-00002-of-00002.safetensors": ["c", "d", "e"]}
+  for f, keys in split.items():
+    save_file({k: tensors[k] for k in keys}, str(shards / f))
+  (shards / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: f for f, keys in split.items() for k in keys}}))
+  pre = _io.open_checkpoint(str(tmp_path / "one.safetensors"))
+  readers = [pre, _io.open_checkpoint(str(shards))]
+  items, _ = m._streaming._plan(pre, {p: True for p in pre.paths}, 1000, True)
+  chunks = [c for kind, c in items if kind == "chunk"]
+  assert len(chunks) > 3 and any(len(c.pieces) > 2 for c in chunks)
+  joined = 0
+  for ch in chunks:
+    buf = np.asarray(_chunks._load_chunk(readers, ch))
+    assert buf.shape == (2, ch.size) and buf.dtype == ch.dtype
+    for pc in ch.pieces:
+      want = tensors[pc.path].reshape(-1)[pc.start:pc.stop]
+      for r in range(2):
+        np.testing.assert_array_equal(buf[r, pc.off:pc.off + want.size], want)
+    assert not buf[:, ch.used:].any()  # zero padding
+    runs = _chunks._runs(pre, ch)
+    assert sum(n for *_, n in runs) == ch.used * ch.dtype.itemsize
+    joined += len(ch.pieces) - len(runs)
+    shard_runs = _chunks._runs(readers[1], ch)  # never joined across two shard files
+    assert len({id(f) for f, *_ in shard_runs}) == len({readers[1].shard_of[pc.path]
+                                                       for pc in ch.pieces})
+  assert joined > 0
+  with pytest.raises(ValueError, match="outside tensor 'c'"):
+    pre.byte_range("c", 1000, 1501)
+  for r in readers:
+    r.close()
+  # A file cut short: the read names the tensor (the header promises more bytes).
+  path = str(tmp_path / "one.safetensors")
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:-100])
+  cut = _io.open_checkpoint(path)
+  with pytest.raises(ValueError, match="truncated"):
+    _chunks._load_chunk([cut], chunks[-1])
