@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -127,23 +127,74 @@ class _BufferPool:
     return bufs[i]
 
 
-def _load_chunk(readers, chunk: _Chunk, pool: Optional[_BufferPool] = None):
-  """``(R, size)`` buffer of one chunk for each reader (zero padding), as a device array."""
-  shape = (len(readers), chunk.size)
+_ALIGN = 64  # bytes: jax aliases host buffers aligned to it; copies run fastest (about 1.4x
+# here) when source and destination addresses agree modulo it
+
+
+def _pad(dtype) -> int:
+  """Entries of padding per buffer row: room to shift a row's start by up to 63 bytes."""
+  return _ALIGN // np.dtype(dtype).itemsize
+
+
+class _Block(NamedTuple):
+  """A chunk as loaded: ``data`` is ``(R, size + pad)``, row ``r``'s entries are
+  ``data[r, shift[r]:shift[r] + size]`` (padding zero). Each row is shifted so that it
+  lies at the same address modulo 64 bytes as its bytes in the file (safetensors data
+  starts anywhere), so the reads copy between agreeing alignments, and the buffer itself
+  stays 64-byte aligned (``jax.device_put`` aliases it instead of copying; the rows need
+  not be). The kernels
+  take their rows with :func:`_rows`."""
+  data: jax.Array
+  shift: np.ndarray  # (R,) int32
+
+
+def _block(buf: np.ndarray, shift: Optional[np.ndarray] = None) -> _Block:
+  """A host ``(R, size + pad)`` buffer as a :class:`_Block` (unshifted by default)."""
+  shift = np.zeros(buf.shape[0], np.int32) if shift is None else shift
+  return _Block(jax.device_put(buf), shift)
+
+
+def _size(block: _Block) -> int:
+  return block.data.shape[1] - _pad(block.data.dtype)
+
+
+def _rows(block: _Block) -> list:
+  """The ``R`` rows of ``size`` entries (in a kernel: dynamic slices XLA fuses into the
+  loops reading them, no copies)."""
+  n = _size(block)
+  return [jax.lax.dynamic_slice_in_dim(block.data[r], block.shift[r], n)
+          for r in range(block.data.shape[0])]
+
+
+def _host_rows(block: _Block) -> List[np.ndarray]:
+  """The rows as NumPy views of the host buffer."""
+  host, n = np.asarray(block.data), _size(block)
+  return [host[r, s:s + n] for r, s in enumerate(block.shift.tolist())]
+
+
+def _load_chunk(readers, chunk: _Chunk, pool: Optional[_BufferPool] = None) -> _Block:
+  """One chunk of every reader (:class:`_Block`, zero padding), as a device array."""
+  isz, pad = chunk.dtype.itemsize, _pad(chunk.dtype)
+  shape = (len(readers), chunk.size + pad)
   buf = pool.get(shape, chunk.dtype) if pool is not None else _aligned_empty(shape, chunk.dtype)
-  if chunk.used < chunk.size:
-    buf[:, chunk.used:] = 0
+  shift = np.zeros(len(readers), np.int32)
   for r, reader in enumerate(readers):
     if reader.format == "orbax":
       whole = reader.read([pc.path for pc in chunk.pieces])
       for pc in chunk.pieces:
         np.copyto(buf[r, pc.off:pc.off + pc.stop - pc.start],
                   whole[pc.path].reshape(-1)[pc.start:pc.stop])
-      continue
-    row = memoryview(buf[r].view(np.uint8))
-    for f, pos, dest, n in _runs(reader, chunk):
-      f.pread(row[dest:dest + n], pos)
-  return jax.device_put(buf)
+    else:
+      runs = _runs(reader, chunk)
+      first = (runs[0][1] - buf[r].ctypes.data) % _ALIGN if runs else 0
+      s = shift[r] = first // isz if first % isz == 0 else 0
+      row = memoryview(buf[r].view(np.uint8))
+      for f, pos, dest, n in runs:
+        f.pread(row[s * isz + dest:s * isz + dest + n], pos)
+    s = int(shift[r])
+    buf[r, :s] = 0
+    buf[r, s + chunk.used:] = 0
+  return _block(buf, shift)
 
 
 def _runs(reader, chunk: _Chunk) -> List[Tuple[object, int, int, int]]:
@@ -179,8 +230,10 @@ def _prefetched(items, load) -> Iterator:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _split(buf):
-  return buf[0], [buf[t] for t in range(1, buf.shape[0])]
+def _split(block: _Block):
+  """In a kernel: the pretrained row and the fine-tuned rows of a chunk."""
+  rows = _rows(block)
+  return rows[0], rows[1:]
 
 
 def _product(a, b, zero):
@@ -233,14 +286,14 @@ def _gather_cols(readers, chunk: _Chunk, offs: np.ndarray, ex) -> np.ndarray:
 def _column_batches(chunks: List[_Chunk], fixes, rows: int):
   """The columns of ``fixes`` (``(chunk index, offsets, columns)``) packed per dtype into
   zero-padded buffers of one chunk's shape (so the kernels compiled for the chunks run
-  them): yields ``(buffer, segments)``, a segment ``(chunk index, offsets, first column,
+  them): yields ``(block, segments)``, a segment ``(chunk index, offsets, first column,
   end column)``."""
   open_: Dict[np.dtype, list] = {}
   for ci, offs, cols in fixes:
     ch, start = chunks[ci], 0
     while start < offs.size:
       if ch.dtype not in open_:
-        gbuf = _aligned_empty((rows, ch.size), ch.dtype)  # a fresh mapping: zeros
+        gbuf = _aligned_empty((rows, ch.size + _pad(ch.dtype)), ch.dtype)  # fresh: zeros
         open_[ch.dtype] = [gbuf, []]
       gbuf, segs = open_[ch.dtype]
       c0 = segs[-1][3] if segs else 0
@@ -249,6 +302,7 @@ def _column_batches(chunks: List[_Chunk], fixes, rows: int):
       segs.append((ci, offs[start:start + take], c0, c0 + take))
       start += take
       if c0 + take == ch.size:
-        yield open_.pop(ch.dtype)
+        gbuf, segs = open_.pop(ch.dtype)
+        yield _block(gbuf), segs
   for gbuf, segs in open_.values():
-    yield gbuf, segs
+    yield _block(gbuf), segs

@@ -65,7 +65,7 @@ def _check_layouts(pre, fts, names):
 # ----------------------------------------------------------------------------- kernels
 @jax.jit
 def _k_weight_average(buf):
-  return weight_average([{"w": buf[t]} for t in range(1, buf.shape[0])])["w"]
+  return weight_average([{"w": x} for x in _split(buf)[1]])["w"]
 
 
 @jax.jit

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _ties, _topk
-from ._chunks import (_ZERO, _Chunk, _column_batches, _gather_cols, _piece_slices,
-                      _product, _split)
+from ._chunks import (_ZERO, _Chunk, _column_batches, _gather_cols, _host_rows,
+                      _piece_slices, _product, _size, _split)
 from ._task_vectors import task_vector
 
 _SAMPLE_BLOCK = 256  # contiguous entries per sampled block
@@ -126,7 +126,7 @@ def _np_tau_bits(x0: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _ties_parts(buf, thr):
-  x0, tvs = buf[0], _taus(buf)
+  x0, tvs = _split(buf)[0], _taus(buf)
   trimmed = [_ties.trim_leaf(tv, thr[i]) for i, tv in enumerate(tvs)]
   sign = _ties.sum_sign_leaf(trimmed)
   return x0, tvs, trimmed, sign
@@ -297,11 +297,12 @@ def _scan(sels, chunk: _Chunk, words, trim: str, t: int) -> _Scan:
   return _Scan(cat(idx), above, int(signs), cat(major))
 
 
-def _columns(idx: np.ndarray, host: np.ndarray) -> np.ndarray:
-  """The ``(R, len(idx))`` columns of the chunk's buffer at the offsets ``idx``."""
-  cols = np.empty((host.shape[0], idx.size), host.dtype)
-  for r in range(host.shape[0]):  # row by row: sequential reads, not 2-MB strides
-    np.take(host[r], idx, out=cols[r])
+def _columns(idx: np.ndarray, rows: List[np.ndarray]) -> np.ndarray:
+  """The ``(R, len(idx))`` columns of a chunk's rows (:func:`._chunks._host_rows`) at the
+  offsets ``idx``."""
+  cols = np.empty((len(rows), idx.size), rows[0].dtype)
+  for r, row in enumerate(rows):  # row by row: sequential reads, not 2-MB strides
+    np.take(row, idx, out=cols[r])
   return cols
 
 
@@ -337,12 +338,12 @@ def _select_chunk(sels, chunk: _Chunk, buf, trim: str) -> None:
   """One chunk of a select pass: while every open global select is a counting pass, from
   the bracket flags (:func:`_bracket_counts`); otherwise (and per leaf, where many small
   leaves are selected directly) the selectors see every bit pattern."""
-  t = buf.shape[0] - 1
+  t = buf.data.shape[0] - 1
   if trim == "global" and all(s.bracket() is not None for s in sels.values()
                               if s.result is None):
     words = _words(_k_bracket(buf, *_bracket_bounds(sels, chunk, t, trim)), chunk)
     sc = _scan(sels, chunk, words, trim, t)
-    _bracket_counts(sels, chunk, sc.above, sc.idx, _columns(sc.idx, np.asarray(buf)), trim)
+    _bracket_counts(sels, chunk, sc.above, sc.idx, _columns(sc.idx, _host_rows(buf)), trim)
     return
   bits = [np.asarray(b) for b in _k_tau_bits(buf)]
   for i in range(t):
@@ -450,7 +451,7 @@ class _Ties:
       # The brackets the scan reads stay fixed during the pass (the worker only counts).
       sc = _scan(self.sels, ch, _words(flags, ch), self.trim, self.t)
       del flags
-      cols = _columns(sc.idx, np.asarray(buf))  # the buffer is refilled after this
+      cols = _columns(sc.idx, _host_rows(buf))  # the buffer is refilled after this
       self.total += sc.signs
       if sc.major.size:
         self.major[ch.index] = sc.major
@@ -528,14 +529,14 @@ class _Ties:
     written = self.est if self.fused else self.thr
     results = []
     for gbuf, segs in _column_batches(chunks, self._fixes(readers, chunks), self.t + 1):
-      gbuf, m = jax.device_put(gbuf), segs[-1][3]
-      thr = self._seg_values(chunks, segs, self.thr, gbuf.shape[1])
+      m, size = segs[-1][3], _size(gbuf)
+      thr = self._seg_values(chunks, segs, self.thr, size)
       out_m, code = (np.asarray(a)[:m] for a in _k_ties(
           gbuf, thr, self.lam, jnp.float32(-1.0), _ZERO, self.disjoint))
       out_p = np.asarray(_k_ties(gbuf, thr, self.lam, jnp.float32(1.0), _ZERO,
                                  self.disjoint)[0])[:m]
       old, old_code = (np.asarray(a)[:m] for a in _k_ties(
-          gbuf, self._seg_values(chunks, segs, written, gbuf.shape[1]), self.lam,
+          gbuf, self._seg_values(chunks, segs, written, size), self.lam,
           jnp.float32(-1.0), _ZERO, self.disjoint))
       self.total += _sign_sum(code & 3) - _sign_sum(old_code & 3)
       for ci, offs, c0, c1 in segs:

@@ -242,13 +242,19 @@ def test_chunk_reads_equal_the_tensors(tmp_path):
   assert len(chunks) > 3 and any(len(c.pieces) > 2 for c in chunks)
   joined = 0
   for ch in chunks:
-    buf = np.asarray(_chunks._load_chunk(readers, ch))
-    assert buf.shape == (2, ch.size) and buf.dtype == ch.dtype
+    block = _chunks._load_chunk(readers, ch)
+    host, rows = np.asarray(block.data), _chunks._host_rows(block)
+    assert host.shape == (2, ch.size + 64 // ch.dtype.itemsize) and host.dtype == ch.dtype
     for pc in ch.pieces:
       want = tensors[pc.path].reshape(-1)[pc.start:pc.stop]
       for r in range(2):
-        np.testing.assert_array_equal(buf[r, pc.off:pc.off + want.size], want)
-    assert not buf[:, ch.used:].any()  # zero padding
+        np.testing.assert_array_equal(rows[r][pc.off:pc.off + want.size], want)
+    for r, reader in enumerate(readers):
+      s = int(block.shift[r])
+      assert not host[r, :s].any() and not host[r, s + ch.used:].any()  # zero padding
+      # the row sits at its file bytes' address modulo 64: aligned copies
+      f, pos, dest, _ = _chunks._runs(reader, ch)[0]
+      assert (host[r].ctypes.data + s * ch.dtype.itemsize + dest - pos) % 64 == 0
     runs = _chunks._runs(pre, ch)
     assert sum(n for *_, n in runs) == ch.used * ch.dtype.itemsize
     joined += len(ch.pieces) - len(runs)
