@@ -5,12 +5,14 @@ and dtypes from metadata only, and read any subset of leaves as NumPy arrays. Wr
 the output layout up front and accept leaves in that order, so nothing but the leaves being
 written is held in memory.
 
-- safetensors: the header is parsed once; tensors (or flat element ranges of them) are
-  memory-mapped one at a time (:meth:`SafetensorsReader.view`), so reading is page faults
-  into the page cache and one copy into the merge buffers, and the mapping goes away with
-  the array (the resident set stays about one chunk). The writer streams the standard
-  layout (8-byte header size, JSON header, raw little-endian data) itself, a tensor at a
-  time or in parts, because ``safetensors.numpy.save_file`` needs every tensor in memory.
+- safetensors: the header is parsed once; the streaming merges copy flat element ranges
+  straight from the page cache into their chunk buffers with ``os.preadv``
+  (:meth:`SafetensorsReader.byte_range`, :meth:`SafetensorsReader.pread`); other reads
+  memory-map a tensor or range at a time (:meth:`SafetensorsReader.view`), the mapping
+  going away with the array (the resident set stays about one chunk). The writer streams
+  the standard layout (8-byte header size, JSON header, raw little-endian data) itself, a
+  tensor at a time or in parts, because ``safetensors.numpy.save_file`` needs every tensor
+  in memory.
   Keys are the leaf paths verbatim.
 - sharded safetensors (Hugging Face): a directory with ``model.safetensors.index.json``
   (``weight_map``: tensor -> shard file) and ``model-0000k-of-0000N.safetensors`` shards, or a

@@ -8,8 +8,8 @@ pytree checkpoints (see :mod:`._io`).
 Layout of the work: the mergeable leaves (floating, not excluded) are cut into flat pieces
 and packed, in file order, into chunks of ``chunk_bytes`` per model with one dtype; every
 chunk is one fixed-size flat buffer per model, so each merge kernel is compiled once per
-dtype. A reader thread fills the next chunk's buffers (memory-mapped reads: page faults
-plus one copy, no dtype conversion) while the current chunk is merged. Non-mergeable leaves
+dtype. A reader thread fills the next chunk's buffers (``os.preadv``: one copy from the
+page cache, no dtype conversion) while the current chunk is merged. Non-mergeable leaves
 are copied through. Peak memory is about ``3 × (T + 1) × chunk_bytes`` (the chunk being
 merged, the one being read, the outputs) plus the merge temporaries, not the models' size;
 the default chunk is a quarter of the largest leaf (1-64 MiB).
