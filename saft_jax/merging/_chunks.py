@@ -159,11 +159,17 @@ def _size(block: _Block) -> int:
 
 
 def _rows(block: _Block) -> list:
-  """The ``R`` rows of ``size`` entries (in a kernel: dynamic slices XLA fuses into the
-  loops reading them, no copies)."""
+  """The ``R`` rows of ``size`` entries, in a kernel: reads XLA fuses into the loops that
+  use them, no copies. Measured on XLA:CPU: ``dynamic_slice`` fuses for float32 (a gather
+  there is copied out before the TIES kernels' two loops); for 16-bit floats the slice is
+  copied out and an indexed read (a gather) fuses."""
   n = _size(block)
-  return [jax.lax.dynamic_slice_in_dim(block.data[r], block.shift[r], n)
-          for r in range(block.data.shape[0])]
+  data = block.data
+  if data.dtype.itemsize >= 4:
+    return [jax.lax.dynamic_slice_in_dim(data[r], block.shift[r], n)
+            for r in range(data.shape[0])]
+  at = jnp.arange(n, dtype=jnp.int32)
+  return [data[r][block.shift[r] + at] for r in range(data.shape[0])]
 
 
 def _host_rows(block: _Block) -> List[np.ndarray]:
