@@ -273,3 +273,21 @@ def test_chunk_reads_equal_the_tensors(tmp_path):
   cut = _io.open_checkpoint(path)
   with pytest.raises(ValueError, match="truncated"):
     _chunks._load_chunk([cut], chunks[-1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_shifted_rows_fuse_without_copies(dtype):
+  """The kernels read the shifted rows of a loaded chunk inside their loops: task
+  arithmetic compiles to no temporary buffer (a copied-out slice of every row would show
+  as R x size temporaries), and so does the fused TIES kernel on float32 chunks."""
+  from saft_jax.merging import _chunks, _streaming, _streaming_ties
+  n, pad = 4096, 64 // np.dtype(dtype).itemsize
+  block = _chunks._Block(jnp.zeros((T + 1, n + pad), dtype), np.arange(T + 1, dtype=np.int32))
+  lam = jnp.float32(0.3)
+  ta = _streaming._k_task_arithmetic.lower(block, lam, _chunks._ZERO).compile()
+  assert ta.memory_analysis().temp_size_in_bytes == 0
+  if dtype == np.float32:
+    thr = np.zeros(T, np.int32)
+    ties = _streaming_ties._k_ties_bracket.lower(block, thr, thr, thr, lam, _chunks._ZERO,
+                                                 "mean").compile()
+    assert ties.memory_analysis().temp_size_in_bytes == 0
