@@ -142,8 +142,7 @@ class _Block(NamedTuple):
   lies at the same address modulo 64 bytes as its bytes in the file (safetensors data
   starts anywhere), so the reads copy between agreeing alignments, and the buffer itself
   stays 64-byte aligned (``jax.device_put`` aliases it instead of copying; the rows need
-  not be). The kernels
-  take their rows with :func:`_rows`."""
+  not be). The kernels take their rows with :func:`_rows`."""
   data: jax.Array
   shift: np.ndarray  # (R,) int32
 
@@ -155,6 +154,7 @@ def _block(buf: np.ndarray, shift: Optional[np.ndarray] = None) -> _Block:
 
 
 def _size(block: _Block) -> int:
+  """Entries per row of the chunk (the buffer's width less the padding)."""
   return block.data.shape[1] - _pad(block.data.dtype)
 
 
