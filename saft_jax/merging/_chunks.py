@@ -179,7 +179,8 @@ def _host_rows(block: _Block) -> List[np.ndarray]:
 
 
 def _load_chunk(readers, chunk: _Chunk, pool: Optional[_BufferPool] = None) -> _Block:
-  """One chunk of every reader (:class:`_Block`, zero padding), as a device array."""
+  """One chunk of every reader as a :class:`_Block` (zero padding; the buffer aliased by
+  the device array, not copied)."""
   isz, pad = chunk.dtype.itemsize, _pad(chunk.dtype)
   shape = (len(readers), chunk.size + pad)
   buf = pool.get(shape, chunk.dtype) if pool is not None else _aligned_empty(shape, chunk.dtype)
