@@ -32,6 +32,7 @@ from __future__ import annotations
 import glob
 import json
 import mmap
+import math
 import os
 import shutil
 import time
@@ -126,7 +127,7 @@ class SafetensorsReader:
     self._fd: Optional[int] = None
 
   def size(self, p: str) -> int:
-    return int(np.prod(self.shapes[p], dtype=np.int64))
+    return math.prod(self.shapes[p])
 
   def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
     """Flat read-only array of elements ``[start, stop)`` of tensor ``p``, memory-mapped.
@@ -270,7 +271,7 @@ class ShardedSafetensorsReader:
     return self._shards[name]
 
   def size(self, p: str) -> int:
-    return int(np.prod(self.shapes[p], dtype=np.int64))
+    return math.prod(self.shapes[p])
 
   def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
     return self._shards[self.shard_of[p]].view(p, start, stop)
@@ -353,7 +354,7 @@ class OrbaxReader:
     return res
 
   def size(self, p: str) -> int:
-    return int(np.prod(self.shapes[p], dtype=np.int64))
+    return math.prod(self.shapes[p])
 
   def view(self, p: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
     """Flat elements ``[start, stop)`` of leaf ``p`` (restores the whole leaf)."""
@@ -418,7 +419,7 @@ class SafetensorsWriter:
     if self._next >= len(self._order) or self._order[self._next][0] != p:
       raise ValueError(f"leaf {p!r} is not next in the layout order")
     _, shape, dtype = self._order[self._next]
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     a = np.ascontiguousarray(flat).reshape(-1)
     if a.dtype != dtype:
       a = a.astype(dtype)
