@@ -194,6 +194,38 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
         del buf
       for r in readers: r.close()
       return {"passes": 1}
+    def kernels(method):
+      # The merge kernels alone over every chunk (loaded untimed, one at a time): the
+      # compute a streaming merge cannot avoid, without reading or writing.
+      import jax, resource
+      from saft_jax.merging import _chunks, _streaming_ties
+      readers = [_io.open_checkpoint(f) for f in files]
+      pre = readers[0]
+      largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
+      cb = min(max(largest // 4, _streaming._MIN_CHUNK), _streaming._MAX_CHUNK)
+      items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
+      lam = np.float32(0.3)
+      cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+      wall = used = 0.0
+      thr = None
+      for ch in [c for k, c in items if k == "chunk"]:
+        block = _chunks._load_chunk(readers, ch, None)
+        if method == "task_arithmetic":
+          call = lambda: _streaming._k_task_arithmetic(block, lam, _chunks._ZERO)
+        else:
+          if thr is None:  # each task's 80th percentile |tau| on the first chunk
+            rows = _chunks._host_rows(block)
+            thr = np.asarray([np.quantile(np.abs(x - rows[0]).view(np.int32), 0.8)
+                              for x in rows[1:]], np.int32)
+            lo, hi = thr - (1 << 14), thr + (1 << 14)
+          call = lambda: _streaming_ties._k_ties_bracket(block, thr, lo, hi, lam,
+                                                          _chunks._ZERO, "mean")
+        jax.block_until_ready(call())  # compiled, and the chunk in cache as in a merge
+        t0, c0 = time.perf_counter(), cpu()
+        jax.block_until_ready(call())
+        wall, used = wall + time.perf_counter() - t0, used + cpu() - c0
+      for r in readers: r.close()
+      return {"passes": 0, "wall": wall, "cpu": used}
     def read_raw():
       # Every input once, whole files in order, into one reused 4 MiB buffer: the floor.
       buf = memoryview(bytearray(4 << 20))
@@ -202,22 +234,49 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
           while fh.readinto(buf):
             pass
       return {"passes": 1}
+    import os
+    outs = [f"{d}/out_{what.replace(':', '_')}_{i}.safetensors" for i in range(2)]
+    def write_raw():
+      # One output's bytes (the size of an input file) in 4 MiB writes to a new file.
+      n, buf = os.path.getsize(files[0]), memoryview(bytearray(4 << 20))
+      with open(outs[0], "wb", buffering=0) as fh:
+        for pos in range(0, n, len(buf)):
+          fh.write(buf[:min(len(buf), n - pos)])
+      return {"passes": 0}
     def run():
       if what == "read":
         return read_once()
       if what == "read_raw":
         return read_raw()
-      return m.stream_merge(files[0], files[1:], f"{d}/out_{what}.safetensors", what,
-                            lam=0.3, k=0.2, overwrite=True)
+      if what == "write_raw":
+        return write_raw()
+      if what.startswith("kernels:"):
+        return kernels(what.split(":")[1])
+      return m.stream_merge(files[0], files[1:], outs[0], what, lam=0.3, k=0.2)
+    def fresh():
+      # Every run writes a new file: deleting the last run's output (untimed) is not
+      # part of a merge (overwriting it made a merge about 10 % slower here).
+      outs.reverse()
+      if os.path.exists(outs[0]):
+        os.remove(outs[0])
+    fresh()
     run()  # warm-up: compilation, page cache
+    import resource
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     def timed():
-      times = []
+      times, cpus = [], []
       for _ in range(repeats):
-        t0 = time.perf_counter(); st = run(); times.append(time.perf_counter() - t0)
-      return times, st
-    base, peak, (times, st) = with_peak_rss(timed)
+        fresh()
+        t0, c0 = time.perf_counter(), cpu()
+        st = run()
+        # the kernels' own timing leaves out the untimed chunk loads
+        times.append(st.pop("wall", time.perf_counter() - t0))
+        cpus.append(st.pop("cpu", cpu() - c0))
+      return times, cpus, st
+    base, peak, (times, cpus, st) = with_peak_rss(timed)
     print(json.dumps({"base": base, "peak": peak, "best": min(times),
-                      "median": float(np.median(times)), **st}))
+                      "median": float(np.median(times)), "cpu": float(np.median(cpus)),
+                      **st}))
 """)
 
 
@@ -242,7 +301,8 @@ def bench_stream(args):
   t = args.stream_tasks
   print(f"\n## Streaming merges: 1 pretrained + {t} fine-tuned safetensors files of "
         f"{n / 1e6:.1f}M float32 ({len(shapes)} leaves; largest {largest / 2**20:.1f} MiB), "
-        f"page cache warm; best / median of {args.repeats} in one process after a warm-up run")
+        f"page cache warm; best / median of {args.repeats} in one process after a warm-up run, "
+        f"each run writing a new output file")
   rows = []
   try:
     rng = np.random.default_rng(0)
@@ -254,7 +314,8 @@ def bench_stream(args):
     del pre
     total = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    for what in ["read_raw", "read", "task_arithmetic", "ties"]:
+    for what in ["read_raw", "read", "write_raw", "task_arithmetic", "ties",
+                 "kernels:task_arithmetic", "kernels:ties"]:
       r = _child(_STREAM_CHILD, [d, t, what, args.repeats], env)
       if r is not None:
         rows.append((what, r))
@@ -269,14 +330,21 @@ def bench_stream(args):
   print(f"inputs {total / 2**30:.2f} GiB; RSS budget (models + 1) x largest leaf = "
         f"{budget / 2**20:.0f} MiB (+10 % = {1.1 * budget / 2**20:.0f} MiB)")
   rel = lambda r, ref: f"{r['best'] / ref['best']:.2f}x" if ref else "-"
-  print("| run | best ms | median ms | / plain read | / chunk read | passes | peak RSS MiB | "
-        "RSS growth MiB | growth / budget |\n|---|---|---|---|---|---|---|---|---|")
+  print("| run | best ms | median ms | CPU ms | / plain read | / chunk read | passes | "
+        "peak RSS MiB | RSS growth MiB | growth / budget |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
+  names = {"read_raw": "read (plain)", "read": "read (chunks)",
+           "write_raw": "write one output (plain, 4-MiB writes)",
+           "kernels:task_arithmetic": "task_arithmetic kernels alone (no I/O)",
+           "kernels:ties": "ties write kernels alone (no I/O)"}
   for what, r in rows:
     growth = r["peak"] - r["base"]
-    name = {"read_raw": "read (plain)", "read": "read (chunks)"}.get(what, what)
-    print(f"| {name} | {1e3 * r['best']:.0f} | {1e3 * r['median']:.0f} | {rel(r, plain)} | "
-          f"{rel(r, chunked)} | {r.get('passes')} | {r['peak'] / 2**20:.0f} | "
-          f"{growth / 2**20:.0f} | {growth / budget:.2f} |")
+    print(f"| {names.get(what, what)} | {1e3 * r['best']:.0f} | {1e3 * r['median']:.0f} | "
+          f"{1e3 * r['cpu']:.0f} | {rel(r, plain)} | {rel(r, chunked)} | {r.get('passes')} | "
+          f"{r['peak'] / 2**20:.0f} | {growth / 2**20:.0f} | {growth / budget:.2f} |")
+  print(f"CPU ms: median user + system time of the whole process (all threads) per run, on "
+        f"{os.cpu_count()} CPUs; kernels alone: the merge kernels over every chunk already "
+        f"in memory, as in a merge (best of {args.repeats})")
   if plain or chunked:
     for what, target in [("task_arithmetic", 2.0), ("ties", 3.0)]:
       if what in res:
@@ -287,7 +355,19 @@ def bench_stream(args):
             parts.append(f"{x:.2f}x the {label} ({'met' if x <= target else 'not met'})")
         print(f"streaming {what}, target <= {target}x reading the inputs once: "
               + "; ".join(parts))
+    # A lower bound of each merge on this machine: the CPU time of work it cannot skip (the
+    # plain read, the plain write, its kernels), spread over every CPU with no overhead.
+    wrote = res.get("write_raw")
+    for what in ("task_arithmetic", "ties"):
+      k = res.get("kernels:" + what)
+      if plain and wrote and k and what in res:
+        floor = (plain["cpu"] + wrote["cpu"] + k["cpu"]) / (os.cpu_count() or 1)
+        print(f"{what}: floor on {os.cpu_count()} CPUs = (CPU of plain read + plain write + "
+              f"kernels) / CPUs = {1e3 * floor:.0f} ms = {floor / plain['best']:.2f}x the "
+              f"plain read; the merge took {res[what]['best'] / floor:.2f}x its floor")
     for what, r in rows:
+      if what.startswith("kernels:") or what == "write_raw":
+        continue
       g = (r["peak"] - r["base"]) / budget
       print(f"{what}: RSS growth {g:.2f} x budget (target <= 1.1: "
             f"{'met' if g <= 1.1 else 'not met'}; the process's {r['base'] / 2**20:.0f} MiB "
