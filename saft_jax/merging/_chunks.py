@@ -52,7 +52,7 @@ def _plan(pre, mergeable: Dict[str, bool], chunk_bytes: int, split: bool):
   cap: Dict[np.dtype, int] = {}
   for p in pre.paths:
     dt = np.dtype(pre.dtypes[p])
-    cap[dt] = max(cap.get(dt, 1), chunk_bytes // dt.itemsize)
+    cap[dt] = max(cap.get(dt, 1), _whole_rows(chunk_bytes // dt.itemsize, dt))
   units = pre.units()
   items: List[Tuple[str, object]] = []
   chunks: List[_Chunk] = []
@@ -85,8 +85,16 @@ def _plan(pre, mergeable: Dict[str, bool], chunk_bytes: int, split: bool):
     if cur is None or cur.dtype != dt or (cur.used + n > cur.size and not same_unit):
       cur = new_chunk(dt)
     cur.pieces.append(_Piece(p, 0, n, cur.used))
-    cur.size = max(cur.size, cur.used)
+    cur.size = max(cur.size, _whole_rows(cur.used, dt))
   return items, sizes
+
+
+def _whole_rows(n: int, dtype) -> int:
+  """``n`` entries rounded up to whole 64-byte lines (at least one). Chunk buffer rows then
+  start 64-byte aligned: XLA:CPU's merge kernels ran 3-8x slower per entry over rows of an
+  odd length (measured: 299593 float32 entries per row vs 299584 or 299592)."""
+  unit = _ALIGN // np.dtype(dtype).itemsize
+  return max(-(-n // unit), 1) * unit
 
 
 # ----------------------------------------------------------------------------- reading
