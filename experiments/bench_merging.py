@@ -185,7 +185,7 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
       readers = [_io.open_checkpoint(f) for f in files]
       pre = readers[0]
       largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
-      cb = min(max(largest // 4, _streaming._MIN_CHUNK), _streaming._MAX_CHUNK)
+      cb = _streaming._default_chunk(largest, len(files))
       items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
       chunks = [c for k, c in items if k == "chunk"]
       pool = _streaming._BufferPool()
@@ -202,7 +202,7 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
       readers = [_io.open_checkpoint(f) for f in files]
       pre = readers[0]
       largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
-      cb = min(max(largest // 4, _streaming._MIN_CHUNK), _streaming._MAX_CHUNK)
+      cb = _streaming._default_chunk(largest, len(files))
       items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
       lam = np.float32(0.3)
       cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])

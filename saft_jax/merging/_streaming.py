@@ -12,7 +12,9 @@ dtype. A reader thread fills the next chunk's buffers (``os.preadv``: one copy f
 page cache, no dtype conversion) while the current chunk is merged. Non-mergeable leaves
 are copied through. Peak memory is about ``3 × (T + 1) × chunk_bytes`` (the chunk being
 merged, the one being read, the outputs) plus the merge temporaries, not the models' size;
-the default chunk is a quarter of the largest leaf (1-64 MiB).
+the default chunk is a quarter of the largest leaf (1-64 MiB), and on CPU at most
+``8 MiB / (T + 1)`` (at least 1 MiB), so the chunk being merged stays in cache while the
+next one is read (:func:`_default_chunk`).
 
 The per-chunk math is that of the in-memory merges (:func:`task_vector`,
 :func:`weight_average` and the TIES leaf primitives called as they are; the leaf formulas
@@ -43,6 +45,21 @@ from ._task_vectors import ExcludeFn, is_mergeable, task_vector
 
 METHODS = ("weight_average", "task_arithmetic", "ties")
 _MIN_CHUNK, _MAX_CHUNK = 1 << 20, 64 << 20
+# On CPU, every model's chunk together: the two chunk buffers (merged, being read) then fit
+# the last-level cache. Measured with 7 models of 22.5M float32 on a 2-core Zen 4 (32 MiB
+# L3), medians of 30 merges: task arithmetic 129 ms at 1.14 MiB per model vs 142 ms at the
+# leaf rule's 2.25 MiB (CPU time 185 vs 203 ms); 0.75, 1 and 1.5 MiB alike, 0.5 MiB slower
+# (per-chunk overhead); TIES unchanged (472 vs 473 ms).
+_CACHE_CHUNKS = 8 << 20
+
+
+def _default_chunk(largest: int, n_models: int) -> int:
+  """Default per-model chunk bytes: a quarter of the largest leaf (``largest`` bytes),
+  clipped to 1-64 MiB; on CPU at most ``8 MiB / n_models`` (but at least 1 MiB)."""
+  chunk = min(max(largest // 4, _MIN_CHUNK), _MAX_CHUNK)
+  if jax.default_backend() == "cpu":
+    chunk = min(chunk, max(_CACHE_CHUNKS // max(n_models, 1), _MIN_CHUNK))
+  return chunk
 _SPILL_SHARE = 0.25  # TIES spill cap, as a share of the inputs' bytes (else 2 passes)
 
 
@@ -118,7 +135,8 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
     exclude: predicate on leaf paths never merged (the output keeps ``θ0``'s leaf; for
       weight averaging, the first fine-tuned model's leaf, as :func:`weight_average`).
     chunk_bytes: per-model bytes merged at once (default: a quarter of the largest leaf,
-      clipped to 1-64 MiB; orbax chunks hold whole leaves).
+      clipped to 1-64 MiB, and on CPU at most 8 MiB over all the models, but at least 1
+      MiB, so that the chunk being merged stays in cache; orbax chunks hold whole leaves).
     overwrite: replace an existing ``out_path``.
 
   Returns:
@@ -149,7 +167,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
             for p in pre.paths}
   largest = max(nbytes.values(), default=1)
   if chunk_bytes is None:
-    chunk_bytes = min(max(largest // 4, _MIN_CHUNK), _MAX_CHUNK)
+    chunk_bytes = _default_chunk(largest, t + 1)
   mergeable = {p: is_mergeable(p, np.zeros((), pre.dtypes[p]), exclude) for p in pre.paths}
   split = fmt != "orbax"
   items, sizes = _plan(pre, mergeable, max(int(chunk_bytes), 1), split)

@@ -175,6 +175,37 @@ def test_streaming_peak_memory_is_bounded(tmp_path):
     assert len(list(f.keys())) == nleaves
 
 
+def test_default_chunk_fits_the_cache(tmp_path, monkeypatch):
+  """On CPU the default chunk is a quarter of the largest leaf (1-64 MiB) and at most
+  8 MiB over all the models, but at least 1 MiB; elsewhere only the leaf rule holds."""
+  from saft_jax.merging import _streaming
+  mib = 1 << 20
+  assert _streaming._default_chunk(36 * mib, 7) == (8 * mib) // 7
+  assert _streaming._default_chunk(36 * mib, 2) == 4 * mib
+  assert _streaming._default_chunk(36 * mib, 16) == mib  # not below 1 MiB
+  assert _streaming._default_chunk(2 * mib, 2) == mib  # the leaf rule's minimum
+  assert _streaming._default_chunk(12 * mib, 2) == 3 * mib  # a quarter of the leaf
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _streaming._default_chunk(36 * mib, 7) == 9 * mib
+  assert _streaming._default_chunk(1024 * mib, 7) == 64 * mib
+  monkeypatch.undo()
+  # stream_merge uses it: one 16 MiB float32 leaf, 1 + 3 models -> 2 MiB chunks, 8 of them
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=4 * mib).astype(np.float32)
+  paths = []
+  for i in range(4):
+    paths.append(str(tmp_path / f"m{i}.safetensors"))
+    save_file({"w": x + i}, paths[-1])
+  stats = m.stream_merge(paths[0], paths[1:], str(tmp_path / "out.safetensors"),
+                         "task_arithmetic", lam=0.5)
+  assert stats["chunks"] == 8
+  theta0 = {"w": jnp.asarray(x)}
+  tvs = [m.task_vector(theta0, {"w": jnp.asarray(x + i)}) for i in range(1, 4)]
+  ref = m.task_arithmetic(theta0, tvs, 0.5)["w"]
+  with safe_open(str(tmp_path / "out.safetensors"), "numpy") as f:
+    np.testing.assert_array_equal(f.get_tensor("w"), np.asarray(ref))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_writer_patches_match_numpy(tmp_path, monkeypatch, dtype):
   """Patches (unsorted, repeated, far apart, across the read-modify-write windows, on two
