@@ -336,6 +336,36 @@ def test_chunk_rows_are_whole_cache_lines(tmp_path):
   pre.close()
 
 
+def test_pooled_chunks_are_read_through_reused_device_arrays(tmp_path):
+  """The chunk pool makes one device array per buffer (aliasing it on CPU) and reuses it:
+  every chunk loaded into a reused buffer reads as that chunk's data, in NumPy and in a
+  kernel, with the buffers' count bounded by the pool's depth."""
+  from saft_jax.merging import _chunks, _io
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=5000).astype(np.float32)
+  for i in range(3):
+    save_file({"w": x * (i + 1)}, str(tmp_path / f"m{i}.safetensors"))
+  readers = [_io.open_checkpoint(str(tmp_path / f"m{i}.safetensors")) for i in range(3)]
+  items, _ = m._streaming._plan(readers[0], {"w": True}, 512, True)
+  chunks = [c for kind, c in items if kind == "chunk"]
+  assert len(chunks) > 4
+  pool = _chunks._BufferPool()
+  total = jax.jit(lambda b: sum(jnp.sum(r) for r in _chunks._rows(b)))
+  seen = set()
+  for ch in chunks:
+    block = _chunks._load_chunk(readers, ch, pool)
+    seen.add(id(block.data))
+    want = x[ch.pieces[0].start:ch.pieces[0].stop]
+    for r, row in enumerate(_chunks._host_rows(block)):
+      np.testing.assert_array_equal(row[:want.size], want * (r + 1))
+    np.testing.assert_allclose(float(total(block)), 6 * float(want.sum(dtype=np.float64)),
+                               rtol=1e-5)
+  assert len(seen) == 2  # two buffers, each with one device array reused
+  assert all(pool.device(b) is not None for bufs in pool._bufs.values() for b in bufs)
+  for r in readers:
+    r.close()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_shifted_rows_fuse_without_copies(dtype):
   """The kernels read the shifted rows of a loaded chunk inside their loops: task
