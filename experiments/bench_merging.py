@@ -180,14 +180,17 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
     files = [f"{d}/pre.safetensors"] + [f"{d}/ft{i}.safetensors" for i in range(t)]
     from saft_jax import merging as m
     from saft_jax.merging import _io, _streaming
-    def read_once():
-      # Every input once through the merge's own reader and chunk buffers, no math.
+    def chunked():
+      # The readers and the merges' chunks (default chunk size) of every input.
       readers = [_io.open_checkpoint(f) for f in files]
       pre = readers[0]
       largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
       cb = _streaming._default_chunk(largest, len(files))
       items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
-      chunks = [c for k, c in items if k == "chunk"]
+      return readers, [c for k, c in items if k == "chunk"]
+    def read_once():
+      # Every input once through the merge's own reader and chunk buffers, no math.
+      readers, chunks = chunked()
       pool = _streaming._BufferPool()
       for ch, buf in _streaming._prefetched(chunks,
                                             lambda c: _streaming._load_chunk(readers, c, pool)):
@@ -199,16 +202,12 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
       # compute a streaming merge cannot avoid, without reading or writing.
       import jax, resource
       from saft_jax.merging import _chunks, _streaming_ties
-      readers = [_io.open_checkpoint(f) for f in files]
-      pre = readers[0]
-      largest = max(pre.size(p) * pre.dtypes[p].itemsize for p in pre.paths)
-      cb = _streaming._default_chunk(largest, len(files))
-      items, _ = _streaming._plan(pre, {p: True for p in pre.paths}, cb, True)
+      readers, chunks = chunked()
       lam = np.float32(0.3)
       cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
       wall = used = 0.0
       thr = None
-      for ch in [c for k, c in items if k == "chunk"]:
+      for ch in chunks:
         block = _chunks._load_chunk(readers, ch, None)
         if method == "task_arithmetic":
           call = lambda: _streaming._k_task_arithmetic(block, lam, _chunks._ZERO)
