@@ -93,7 +93,7 @@ def _whole_rows(n: int, dtype) -> int:
   """``n`` entries rounded up to whole 64-byte lines (at least one). Chunk buffer rows then
   start 64-byte aligned: XLA:CPU's merge kernels ran 3-8x slower per entry over rows of an
   odd length (measured: 299593 float32 entries per row vs 299584 or 299592)."""
-  unit = _ALIGN // np.dtype(dtype).itemsize
+  unit = _pad(dtype)  # entries per 64-byte line
   return max(-(-n // unit), 1) * unit
 
 
