@@ -178,6 +178,22 @@ class SafetensorsReader:
     isz = self.dtypes[p].itemsize
     return self, self._base + self._extent(p) + start * isz, (stop - start) * isz
 
+  @property
+  def nbytes(self) -> int:
+    """The file's size in bytes."""
+    return self._size
+
+  def window(self, pos: int, nbytes: int, dtype) -> Tuple[mmap.mmap, np.ndarray]:
+    """``(mapping, array)``: the file's bytes ``[pos, pos + nbytes)`` (clipped to the file;
+    ``pos`` a multiple of :data:`mmap.ALLOCATIONGRANULARITY`) as a read-only ``dtype``
+    array on a memory map of just them: no copy, pages fault in from the page cache as
+    they are read."""
+    if pos % _PAGE or not 0 <= pos < self._size:
+      raise ValueError(f"{self.path}: no window at byte {pos} (file of {self._size} bytes)")
+    dtype = np.dtype(dtype)
+    return _map_range(self._open(), pos, min(nbytes, self._size - pos) // dtype.itemsize,
+                      dtype)
+
   def pread(self, raw, pos: int) -> None:
     """Fill the writable bytes ``raw`` (a memoryview or uint8 array) from byte ``pos`` of
     the file with ``os.preadv``: one copy from the page cache, no mapping to set up and

@@ -8,9 +8,12 @@ pytree checkpoints (see :mod:`._io`).
 Layout of the work: the mergeable leaves (floating, not excluded) are cut into flat pieces
 and packed, in file order, into chunks of ``chunk_bytes`` per model with one dtype; every
 chunk is one fixed-size flat buffer per model, so each merge kernel is compiled once per
-dtype. A reader thread fills the next chunk's buffers (``os.preadv``: one copy from the
-page cache, no dtype conversion) while the current chunk is merged. Non-mergeable leaves
-are copied through. Peak memory is about ``3 × (T + 1) × chunk_bytes`` (the chunk being
+dtype. On CPU a full chunk of safetensors inputs is not read at all: its rows are device
+arrays aliasing the memory-mapped files, and the kernels read the page cache in place
+(:class:`._chunks._Mapped`; pages of chunks done are unmapped again). Other chunks (partly
+filled, split over shard files, orbax inputs, accelerators) are read into buffers by a
+reader thread (``os.preadv``: one copy from the page cache, no dtype conversion) while the
+current chunk is merged. Non-mergeable leaves are copied through. Peak memory is about ``3 × (T + 1) × chunk_bytes`` (the chunk being
 merged, the one being read, the outputs) plus the merge temporaries, not the models' size;
 the default chunk is a quarter of the largest leaf (1-64 MiB), and on CPU at most
 ``8 MiB / (T + 1)`` (at least 1 MiB), so the chunk being merged stays in cache while the
@@ -39,7 +42,8 @@ import numpy as np
 
 from . import _io, _ties, _topk
 from ._basic import task_lams, weight_average
-from ._chunks import _ZERO, _BufferPool, _load_chunk, _plan, _prefetched, _product, _split
+from ._chunks import (_ZERO, _BufferPool, _load_chunk, _Mapped, _plan, _prefetched, _product,
+                      _split)
 from ._streaming_ties import _Ties, _sample_size, _selectors
 from ._task_vectors import ExcludeFn, is_mergeable, task_vector
 
@@ -175,11 +179,12 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
   stats = {"passes": 0, "chunks": len(chunks), "sample_fraction": 0.0, "fixed": 0,
            "patched": 0}
   readers = [pre] + fts
-  pool = _BufferPool()
+  pool, mapped = _BufferPool(), _Mapped()
 
   def each_chunk():
     stats["passes"] += 1
-    yield from _prefetched(chunks, lambda ch: _load_chunk(readers, ch, pool))
+    yield from _prefetched(chunks, lambda ch: _load_chunk(readers, ch, pool, mapped))
+    mapped.finish()
 
   ties = None
   if method == "ties":
@@ -228,6 +233,7 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
   finally:
     if ties is not None:
       ties.close()
+    mapped.clear()
     for r in readers:
       r.close()
   stats["seconds"] = time.time() - t0

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _ties, _topk
 from ._chunks import (_ZERO, _Chunk, _column_batches, _gather_cols, _host_rows,
-                      _piece_slices, _product, _size, _split)
+                      _nrows, _piece_slices, _product, _size, _split)
 from ._task_vectors import task_vector
 
 _SAMPLE_BLOCK = 256  # contiguous entries per sampled block
@@ -338,7 +338,7 @@ def _select_chunk(sels, chunk: _Chunk, buf, trim: str) -> None:
   """One chunk of a select pass: while every open global select is a counting pass, from
   the bracket flags (:func:`_bracket_counts`); otherwise (and per leaf, where many small
   leaves are selected directly) the selectors see every bit pattern."""
-  t = buf.data.shape[0] - 1
+  t = _nrows(buf) - 1
   if trim == "global" and all(s.bracket() is not None for s in sels.values()
                               if s.result is None):
     words = _words(_k_bracket(buf, *_bracket_bounds(sels, chunk, t, trim)), chunk)
