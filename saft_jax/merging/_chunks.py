@@ -266,7 +266,7 @@ class _Mapped:
   reads into a buffer."""
 
   def __init__(self):
-    self._on = jax.default_backend() == "cpu"
+    self.on = jax.default_backend() == "cpu"
     self._maps: Dict[int, tuple] = {}  # id(file) -> (file, map, uint8 array on it)
     self._done: List[list] = []  # per mapped chunk: [(map, first byte, end byte)]
 
@@ -283,7 +283,7 @@ class _Mapped:
 
   def block(self, readers, chunk: _Chunk) -> Optional[_Block]:
     """The chunk as rows of the mapped files, or ``None`` where it has to be read."""
-    if not self._on or chunk.used != chunk.size:
+    if not self.on or chunk.used != chunk.size:
       return None
     if not _PUTS:
       _PUTS.append(_Put())
@@ -314,9 +314,10 @@ class _Mapped:
 
   def _release(self, keep: int) -> None:
     """Unmap the pages of the mapped chunks before the last ``keep``. Called as chunk ``j``
-    is loaded: the reader thread loads it once the merge loop has chunk ``j - 1``, and the
+    is loaded: a reader thread loads it once the merge loop has chunk ``j - 1``, and the
     loop waits for a chunk's results before asking for the next, so chunk ``j - 2`` is
-    done. (Pages unmapped early would only fault in again.)"""
+    done (loaded in the loop, so is chunk ``j - 1``). Pages unmapped early would only
+    fault in again."""
     while len(self._done) > keep:
       for mm, a, b in self._done.pop(0):
         a, b = -(-a // mmap.PAGESIZE) * mmap.PAGESIZE, b // mmap.PAGESIZE * mmap.PAGESIZE

@@ -181,9 +181,15 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
   readers = [pre] + fts
   pool, mapped = _BufferPool(), _Mapped()
 
+  # On CPU, safetensors chunks are mostly mapped in place (nothing to read): loaded where
+  # they are used, a reader thread only added hand-overs and contention for the interpreter
+  # (measured: task arithmetic 198 -> 161 ms median, CPU time 198 -> 156 ms).
+  inline = mapped.on and fmt != "orbax"
+
   def each_chunk():
     stats["passes"] += 1
-    yield from _prefetched(chunks, lambda ch: _load_chunk(readers, ch, pool, mapped))
+    load = lambda ch: _load_chunk(readers, ch, pool, mapped)
+    yield from (((ch, load(ch)) for ch in chunks) if inline else _prefetched(chunks, load))
     mapped.finish()
 
   ties = None
