@@ -214,11 +214,14 @@ def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path:
         ties.sign_pass(each_chunk)
 
   lam_arr = jnp.asarray(lam, jnp.float32)
-  if method == "weight_average":
-    merge = lambda ch, buf: np.asarray(_k_weight_average(buf))
-  elif method == "task_arithmetic":
-    merge = lambda ch, buf: np.asarray(_k_task_arithmetic(buf, lam_arr, _ZERO))
-  else:
+
+  def merge(ch, buf):
+    out = (_k_weight_average(buf) if method == "weight_average"
+           else _k_task_arithmetic(buf, lam_arr, _ZERO))
+    mapped.release(1)  # the last chunk's pages, while this chunk's kernel runs
+    return np.asarray(out)
+
+  if method == "ties":
     merge = ties.write_chunk
   copy_src = fts[0] if method == "weight_average" else pre
   writer = _io.create_writer(out_path, pre, overwrite=overwrite)
