@@ -195,14 +195,19 @@ class _Put:
 _PUTS: List[_Put] = []
 
 
+def _put() -> _Put:
+  """The process's :class:`_Put` (made on first use, on CPU)."""
+  if not _PUTS:
+    _PUTS.append(_Put())
+  return _PUTS[0]
+
+
 def _alias(x: np.ndarray, address: Optional[int] = None) -> Optional[jax.Array]:
   """A CPU device array on the memory of the 64-byte aligned host array ``x`` (at
   ``address``, if known), no copy; ``None`` off CPU, or where it would copy."""
   if jax.default_backend() != "cpu":
     return None
-  if not _PUTS:
-    _PUTS.append(_Put())
-  return _PUTS[0](x, address)
+  return _put()(x, address)
 
 
 class _Block(NamedTuple):
@@ -285,9 +290,7 @@ class _Mapped:
     """The chunk as rows of the mapped files, or ``None`` where it has to be read."""
     if not self.on or chunk.used != chunk.size:
       return None
-    if not _PUTS:
-      _PUTS.append(_Put())
-    put = _PUTS[0]
+    put = _put()
     isz = chunk.dtype.itemsize
     width = (chunk.size + _pad(chunk.dtype)) * isz
     rows, shift, spans = [], [], []

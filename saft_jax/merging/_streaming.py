@@ -7,14 +7,15 @@ pytree checkpoints (see :mod:`._io`).
 
 Layout of the work: the mergeable leaves (floating, not excluded) are cut into flat pieces
 and packed, in file order, into chunks of ``chunk_bytes`` per model with one dtype; every
-chunk is one fixed-size flat buffer per model, so each merge kernel is compiled once per
+chunk is one fixed-size flat row per model, so each merge kernel is compiled once per
 dtype. On CPU a full chunk of safetensors inputs is not read at all: its rows are device
 arrays aliasing the memory-mapped files, and the kernels read the page cache in place
 (:class:`._chunks._Mapped`; pages of chunks done are unmapped again). Other chunks (partly
 filled, split over shard files, orbax inputs, accelerators) are read into buffers by a
 reader thread (``os.preadv``: one copy from the page cache, no dtype conversion) while the
-current chunk is merged. Non-mergeable leaves are copied through. Peak memory is about ``3 × (T + 1) × chunk_bytes`` (the chunk being
-merged, the one being read, the outputs) plus the merge temporaries, not the models' size;
+current chunk is merged. Non-mergeable leaves are copied through. Peak memory is about
+``3 × (T + 1) × chunk_bytes`` (the chunk being merged, the one being read, the outputs)
+plus the merge temporaries, not the models' size;
 the default chunk is a quarter of the largest leaf (1-64 MiB), and on CPU at most
 ``8 MiB / (T + 1)`` (at least 1 MiB), so the chunk being merged stays in cache while the
 next one is read (:func:`_default_chunk`).
