@@ -22,8 +22,10 @@ The select (:class:`KthSelector`) is a radix select that starts from a sampled b
    blocks, so correlated layouts widen it).
 2. One pass over the data counts ``#(bits >= hi)``, ``#(bits > lo)``, ``#(bits >= lo)`` and
    keeps the few bit patterns strictly inside the bracket (about 1-3 % of the entries); the
-   answer is then ``lo`` or a select among the kept patterns. Exactness never depends on
-   the sample: a bracket that misses, or kept patterns over a memory cap, only cost radix
+   answer is then ``lo`` or a select among the kept patterns. Kept patterns over a memory
+   cap are compacted to distinct patterns with counts: quantized data (bf16 or f16 deltas)
+   repeats a few patterns inside a bracket many times. Exactness never depends on the
+   sample: a bracket that misses, or more distinct patterns than the cap, only cost radix
    passes (16-bit digit histograms restricted to the known range, at most two) and then a
    final collecting pass.
 
@@ -188,7 +190,9 @@ class KthSelector:
   Args:
     n_keep: the rank (1 = largest); ranks above the entry count give 0.
     bracket: ``(lo, hi)`` from :func:`sample_bracket`, or None to start with radix passes.
-    cap: most bit patterns kept in memory by a collecting pass (None: no limit).
+    cap: most bit patterns kept in memory by a collecting pass (None: no limit); past it
+      they are kept as distinct patterns with counts, and only more distinct patterns than
+      ``cap`` cost another pass.
     n: the number of entries, when known (else counted during the first pass).
   """
 
@@ -211,7 +215,9 @@ class KthSelector:
     self.mode, self.lo, self.hi = "bracket", int(lo), int(hi)
     self._c_hi = self._c_in = self._c_eq = 0
     self._cand: List[np.ndarray] = []
-    self._n_cand = 0
+    self._n_cand = 0  # entries held: raw patterns in _cand, plus distinct values in _vals
+    self._vals: Optional[np.ndarray] = None  # once compacted: distinct patterns, ascending
+    self._cnts: Optional[np.ndarray] = None  # and their counts
     self._overflow = False
 
   def _to_hist(self, lo: int, hi: int, above: int) -> None:
@@ -256,11 +262,25 @@ class KthSelector:
     c = int(inside.size)
     self._c_in += c
     if c and not self._overflow:
-      if self.cap is not None and self._n_cand + c > self.cap:
-        self._overflow, self._cand = True, []
-      else:
-        self._cand.append(np.asarray(inside, np.int32))
-        self._n_cand += c
+      self._cand.append(np.asarray(inside, np.int32).reshape(-1))
+      self._n_cand += c
+      if self.cap is not None and self._n_cand > self.cap:
+        self._compact()
+
+  def _compact(self) -> None:
+    """Held patterns over the cap: keep each distinct pattern once, with its count
+    (quantized data such as bf16 deltas repeats a few patterns inside a bracket many
+    times); overflow only if the distinct patterns alone exceed the cap."""
+    parts = self._cand + ([] if self._vals is None else [self._vals])
+    weights = [np.ones(a.size, np.int64) for a in self._cand]
+    if self._vals is not None:
+      weights.append(self._cnts)
+    vals, inv = np.unique(np.concatenate(parts), return_inverse=True)
+    self._cnts = np.bincount(inv.reshape(-1), weights=np.concatenate(weights),
+                             minlength=vals.size).astype(np.int64)
+    self._vals, self._cand, self._n_cand = vals, [], vals.size
+    if self.cap is not None and vals.size > self.cap:
+      self._overflow, self._vals, self._cnts = True, None, None
 
   def _update_hist(self, bits):
     u = bits.view(np.uint32) - np.uint32(self._lo_b)
@@ -293,10 +313,15 @@ class KthSelector:
       self._to_hist(self._lo_b, lo, c_ge)
     elif c_gt < n_keep:
       self.result = lo
-    elif not self._overflow:
+    elif not self._overflow and self._vals is None:
       cand = np.concatenate(self._cand)
       i = cand.size - (n_keep - c_hi)
       self.result = int(np.partition(cand, i)[i])
+    elif not self._overflow:
+      self._compact()
+      above = np.cumsum(self._cnts[::-1])  # #(inside >= the j-th largest distinct pattern)
+      j = int(np.searchsorted(above, n_keep - c_hi))
+      self.result = int(self._vals[::-1][j])
     else:
       self._to_hist(lo + 1, hi, c_hi)
 

@@ -80,6 +80,39 @@ def test_selector_recovers_from_any_bracket_and_cap(kind):
         assert sel.result == want, (n_keep, bracket, cap)
 
 
+@pytest.mark.parametrize("kind", ["grid", "bf16"])
+def test_quantized_bracket_over_the_cap_takes_one_pass(kind):
+  # Quantized magnitudes (bf16 deltas) put many entries on few patterns inside a bracket:
+  # past the cap the selector keeps distinct patterns with counts, not a histogram pass.
+  rng = np.random.default_rng(11)
+  arrays = _data(kind, rng)
+  bits = _topk.np_abs_bits(arrays[0]).ravel()
+  n = bits.size
+  for n_keep in [n // 5, n // 2]:
+    want = _ref_bits(arrays, n_keep)
+    distinct = np.unique(bits)
+    j = int(np.searchsorted(distinct, want))
+    lo = int(distinct[max(j - 3, 0)])
+    hi = int(distinct[j + 3]) if j + 3 < distinct.size else want + 1
+    inside = np.count_nonzero((bits > lo) & (bits < hi))
+    n_distinct = np.count_nonzero((distinct > lo) & (distinct < hi))
+    cap = max(n_distinct, inside // 50)
+    assert inside > 10 * cap  # the raw patterns would overflow the cap many times over
+    sel = _topk.KthSelector(n_keep, (lo, hi), cap=cap)
+    for piece in np.array_split(bits, 40):
+      sel.update(piece)
+    assert sel.end_pass(), (kind, n_keep)
+    assert sel.passes == 1 and sel.result == want
+    # more distinct patterns than the cap: still exact, through histogram passes
+    sel = _topk.KthSelector(n_keep, (lo, hi), cap=max(n_distinct - 1, 1))
+    while True:
+      sel.update(bits)
+      if sel.end_pass():
+        break
+      assert sel.passes < 5
+    assert sel.passes > 1 and sel.result == want
+
+
 def test_sampled_bracket_holds_the_answer_in_one_pass():
   rng = np.random.default_rng(3)
   for kind in ["normal", "columns", "bf16"]:
