@@ -5,6 +5,8 @@ TIES over safetensors inputs (output patchable in place):
 0. sample: random contiguous blocks (about 1/128 of the entries, read through the memory
    map) give each task's bracket ``[lo, hi)`` of its threshold's bit pattern and an
    estimate inside it (:func:`._topk.sample_bracket`); ``trim="per_leaf"`` samples each leaf.
+   Groups of at most ``_topk.DIRECT_SIZE`` entries (small leaves, per leaf) are read whole
+   and selected exactly instead (:func:`_exact_bits`): a one-pattern bracket.
 1. one fused pass: per chunk, one kernel writes the merge for the estimated thresholds,
    with a flag word per entry (sign code, "some task's ``|τ|`` in its bracket", per task
    ``|τ| >= hi``); NumPy counts the flags and finishes the exact select of :mod:`._topk`
@@ -119,10 +121,38 @@ def _np_tau_bits(x0: np.ndarray, x: np.ndarray) -> np.ndarray:
   (float32 difference, then the leaf dtype, round to nearest even)."""
   if x0.dtype == np.float32:
     d = np.subtract(x, x0)
+  elif x0.dtype == _BF16:
+    # bf16 -> float32 is a 16-bit shift; back to bf16, round to nearest even on the bits
+    # (as ml_dtypes' cast, NaN aside; 2.4x faster here)
+    d = np.subtract(_bf16_to_f32(x), _bf16_to_f32(x0)).view(np.uint32)
+    d += np.uint32(0x7FFF) + ((d >> np.uint32(16)) & np.uint32(1))
+    d &= np.uint32(0xFFFF0000)
+    d = d.view(np.float32)
   else:
     d = (x.astype(np.float32) - x0.astype(np.float32)).astype(x0.dtype).astype(np.float32)
   bits = d.view(np.int32)
   return np.bitwise_and(bits, np.int32(0x7FFFFFFF), out=bits)
+
+
+_BF16 = np.dtype(jnp.bfloat16)
+
+
+def _bf16_to_f32(x: np.ndarray) -> np.ndarray:
+  return (np.asarray(x).view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _kth_bits(bits: np.ndarray, n_keep: int, dtype) -> int:
+  """The exact ``n_keep``-th largest of the int32 ``|τ|`` bit patterns ``bits`` (0 if there
+  are fewer); for bf16 leaves (patterns with 16 zero low bits) from a histogram of the high
+  bits, else by partition."""
+  n = bits.size
+  if n_keep > n:
+    return 0
+  if np.dtype(dtype) == _BF16:
+    counts = np.bincount(bits >> 16)
+    j = int(np.searchsorted(np.cumsum(counts[::-1]), n_keep))  # first level from the top
+    return (counts.size - 1 - j) << 16
+  return int(np.partition(bits, n - n_keep)[n - n_keep])
 
 
 def _ties_parts(buf, thr):
@@ -186,6 +216,19 @@ def _sample_bits(pre, fts, paths, sizes, n_entries: int, rng) -> List[np.ndarray
   return [np.concatenate(b) if b else np.zeros((0, 1), np.int32) for b in per]
 
 
+def _exact_bits(pre, fts, paths, n_keep: int) -> List[int]:
+  """Per task, the exact ``n_keep``-th largest ``|τ|`` bit pattern over the leaves ``paths``
+  (a small group, read whole)."""
+  x0 = [np.asarray(pre.view(p)) for p in paths]
+  dtypes = {pre.dtypes[p] for p in paths}
+  dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
+  out = []
+  for r in fts:
+    bits = np.concatenate([_np_tau_bits(a, np.asarray(r.view(p))) for a, p in zip(x0, paths)])
+    out.append(_kth_bits(bits, n_keep, dtype))
+  return out
+
+
 def _sample_size(n: int) -> int:
   return int(min(max(n // 128, 1 << 16), 1 << 23))
 
@@ -209,7 +252,11 @@ def _selectors(pre, fts, items, sizes, trim, k, keep, budget_elems, sample: bool
     n = sum(sizes[p] for p in paths)
     n_keep = _topk.keep_count(k, max(n, 1), keep)
     cap = max(_topk.DIRECT_SIZE, int(budget_elems * n / max(n_all, 1) / t))
-    if n <= _topk.DIRECT_SIZE:
+    if n <= _topk.DIRECT_SIZE and sample:
+      # small groups: exact thresholds now, from the leaves read whole (else every entry
+      # would be ambiguous, and spilled, in the fused pass)
+      brackets = [(b, b + 1, b) for b in _exact_bits(pre, fts, paths, n_keep)]
+    elif n <= _topk.DIRECT_SIZE:
       brackets = [(0, _topk._TOP, _MAX_BITS)] * t  # every entry inside: one exact pass
       cap = max(cap, n)
       direct += sum(sizes[p] * pre.dtypes[p].itemsize for p in paths)
