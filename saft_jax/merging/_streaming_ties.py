@@ -141,20 +141,6 @@ def _bf16_to_f32(x: np.ndarray) -> np.ndarray:
   return (np.asarray(x).view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _kth_bits(bits: np.ndarray, n_keep: int, dtype) -> int:
-  """The exact ``n_keep``-th largest of the int32 ``|τ|`` bit patterns ``bits`` (0 if there
-  are fewer); for bf16 leaves (patterns with 16 zero low bits) from a histogram of the high
-  bits, else by partition."""
-  n = bits.size
-  if n_keep > n:
-    return 0
-  if np.dtype(dtype) == _BF16:
-    counts = np.bincount(bits >> 16)
-    j = int(np.searchsorted(np.cumsum(counts[::-1]), n_keep))  # first level from the top
-    return (counts.size - 1 - j) << 16
-  return int(np.partition(bits, n - n_keep)[n - n_keep])
-
-
 def _ties_parts(buf, thr):
   x0, tvs = _split(buf)[0], _taus(buf)
   trimmed = [_ties.trim_leaf(tv, thr[i]) for i, tv in enumerate(tvs)]
@@ -220,13 +206,9 @@ def _exact_bits(pre, fts, paths, n_keep: int) -> List[int]:
   """Per task, the exact ``n_keep``-th largest ``|τ|`` bit pattern over the leaves ``paths``
   (a small group, read whole)."""
   x0 = [np.asarray(pre.view(p)) for p in paths]
-  dtypes = {pre.dtypes[p] for p in paths}
-  dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
-  out = []
-  for r in fts:
-    bits = np.concatenate([_np_tau_bits(a, np.asarray(r.view(p))) for a, p in zip(x0, paths)])
-    out.append(_kth_bits(bits, n_keep, dtype))
-  return out
+  return [_topk.select_direct(np.concatenate([_np_tau_bits(a, np.asarray(r.view(p)))
+                                              for a, p in zip(x0, paths)]), n_keep)
+          for r in fts]
 
 
 def _sample_size(n: int) -> int:

@@ -319,16 +319,14 @@ class KthSelector:
       self.result = int(np.partition(cand, i)[i])
     elif not self._overflow:
       self._compact()
-      above = np.cumsum(self._cnts[::-1])  # #(inside >= the j-th largest distinct pattern)
-      j = int(np.searchsorted(above, n_keep - c_hi))
-      self.result = int(self._vals[::-1][j])
+      self.result = int(self._vals[_rank_level(self._cnts, n_keep - c_hi)])
     else:
       self._to_hist(lo + 1, hi, c_hi)
 
   def _end_hist(self):
     ge = np.cumsum(self._hist[::-1])[::-1]
     need = self.n_keep - self._above
-    b = int(np.nonzero(ge >= need)[0].max())
+    b = _rank_level(self._hist, need)
     lo = self._lo_b + (b << self._shift)
     hi = min(self._lo_b + ((b + 1) << self._shift), self._hi_b)
     above = self._above + (int(ge[b + 1]) if b + 1 < ge.size else 0)
@@ -339,6 +337,24 @@ class KthSelector:
       self._to_bracket(lo, hi)
     else:
       self._to_hist(lo, hi, above)
+
+
+def _rank_level(counts: np.ndarray, rank: int) -> int:
+  """Index of the level holding the ``rank``-th largest entry (1 = largest), given the
+  entry counts of levels in ascending order (``rank`` at most their sum)."""
+  return counts.size - 1 - int(np.searchsorted(np.cumsum(counts[::-1]), rank))
+
+
+def select_direct(bits: np.ndarray, n_keep: int) -> int:
+  """The exact ``n_keep``-th largest of the int32 ``|x|`` bit patterns ``bits`` (0 if there
+  are fewer), all in memory: by partition, or where every pattern has 16 zero low bits
+  (bf16 values) from a histogram of the high 16 bits (a third of the time here)."""
+  n = bits.size
+  if n_keep > n:
+    return 0
+  if n > 4096 and not np.any(np.bitwise_and(bits, 0xFFFF)):
+    return _rank_level(np.bincount(bits >> 16), n_keep) << 16
+  return int(np.partition(bits, n - n_keep)[n - n_keep])
 
 
 def _random_sample(arrays: Sequence[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
@@ -365,8 +381,7 @@ def np_kth_largest_bits(arrays: Sequence[np.ndarray], n_keep: int, *,
     return 0
   n_keep = max(int(n_keep), 1)
   if n <= max(DIRECT_SIZE, sample_size):
-    bits = np.concatenate([np_abs_bits(a).reshape(-1) for a in arrays])
-    return int(np.partition(bits, n - n_keep)[n - n_keep])
+    return select_direct(np.concatenate([np_abs_bits(a).reshape(-1) for a in arrays]), n_keep)
   sel = KthSelector(n_keep, sample_bracket(_random_sample(arrays, n, sample_size, seed), n,
                                            n_keep))
   while True:

@@ -207,7 +207,7 @@ def test_flag_scan_equals_direct_counts(monkeypatch, t, trim):
 def test_host_tau_bits_round_bf16_like_ml_dtypes():
   """The host |τ| bit patterns of bf16 leaves (integer shifts and round-to-nearest-even on
   the bits) equal ml_dtypes' casts for random bit patterns (halfway cases, subnormals,
-  overflow to inf included), and the histogram select equals a sort."""
+  overflow to inf included), and the direct select (a histogram for bf16 patterns) equals a sort."""
   from saft_jax.merging import _streaming_ties as st
   rng = np.random.default_rng(5)
   bf = ml_dtypes.bfloat16
@@ -225,4 +225,4 @@ def test_host_tau_bits_round_bf16_like_ml_dtypes():
   desc = np.sort(bits)[::-1]
   for n_keep in [1, 2, 1000, bits.size // 5, bits.size, bits.size + 1]:
     expect = 0 if n_keep > bits.size else int(desc[n_keep - 1])
-    assert st._kth_bits(bits, n_keep, bf) == expect, n_keep
+    assert _topk.select_direct(bits, n_keep) == expect, n_keep
