@@ -324,12 +324,10 @@ class KthSelector:
       self._to_hist(lo + 1, hi, c_hi)
 
   def _end_hist(self):
-    ge = np.cumsum(self._hist[::-1])[::-1]
-    need = self.n_keep - self._above
-    b = _rank_level(self._hist, need)
+    b = _rank_level(self._hist, self.n_keep - self._above)
     lo = self._lo_b + (b << self._shift)
     hi = min(self._lo_b + ((b + 1) << self._shift), self._hi_b)
-    above = self._above + (int(ge[b + 1]) if b + 1 < ge.size else 0)
+    above = self._above + int(self._hist[b + 1:].sum())
     if self._shift == 0:
       self.result = lo
     elif self.cap is None or self._hist[b] <= self.cap:
@@ -348,11 +346,13 @@ def _rank_level(counts: np.ndarray, rank: int) -> int:
 def select_direct(bits: np.ndarray, n_keep: int) -> int:
   """The exact ``n_keep``-th largest of the int32 ``|x|`` bit patterns ``bits`` (0 if there
   are fewer), all in memory: by partition, or where every pattern has 16 zero low bits
-  (bf16 values) from a histogram of the high 16 bits (a third of the time here)."""
+  (bf16 values) from a histogram of the high 16 bits. Measured on bf16 patterns, k = 0.2:
+  partition 454 / 1532 µs vs histogram 176 / 523 µs for 2^16 / 2^18 entries, but 60 vs 69
+  µs for 2^13 (the histogram's 32K bins), hence only from 2^15 entries."""
   n = bits.size
   if n_keep > n:
     return 0
-  if n > 4096 and not np.any(np.bitwise_and(bits, 0xFFFF)):
+  if n >= 1 << 15 and not np.any(np.bitwise_and(bits, 0xFFFF)):
     return _rank_level(np.bincount(bits >> 16), n_keep) << 16
   return int(np.partition(bits, n - n_keep)[n - n_keep])
 
