@@ -6,10 +6,12 @@
    thresholds come from ``np.partition``. Target on CPU: saft_jax <= 0.5 x NumPy.
    On a GPU, also T x 88M (CLIP ViT-B/32 sized) task vectors (target <= 50 ms).
 2. Streaming merges of 1 pretrained + T fine-tuned safetensors files (float32, ViT-like):
-   the time to read every input once, no math (a plain read of each file into one reused
-   buffer, and the merge's chunk reader into buffers, which full chunks on CPU skip: they
-   are read in place from the memory-mapped files), streaming task arithmetic and TIES (targets
-   <= 2x and <= 3x the read; both ratios are printed), and each run's
+   the time to read every input once, no math, four ways: into memory file by file
+   (``safetensors.numpy.load_file``, and ``np.fromfile``), a plain read of each file into
+   one reused buffer (the floor), and the merge's chunk reader into buffers (which full
+   chunks on CPU skip: they are read in place from the memory-mapped files); streaming task
+   arithmetic and TIES (targets <= 2x and <= 3x the read; the ratio to each read is
+   printed), and each run's
    peak RSS against (T + 1) x the largest leaf (target: <= that + 10 %), each run in a
    fresh process after one warm-up merge (compilation excluded).
 3. A tiny Llama written by transformers as sharded bf16 safetensors (``--llama``): saft_jax
@@ -237,6 +239,33 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
           while fh.readinto(buf):
             pass
       return {"passes": 1}
+    def read_raw2():
+      # The plain read on two threads (alternate files, a 4 MiB buffer each): how far a
+      # second core speeds up the floor.
+      from concurrent.futures import ThreadPoolExecutor
+      def part(fs):
+        buf = memoryview(bytearray(4 << 20))
+        for f in fs:
+          with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+              pass
+      with ThreadPoolExecutor(2) as ex:
+        list(ex.map(part, [files[0::2], files[1::2]]))
+      return {"passes": 1}
+    def read_load():
+      # Every input read whole into memory, one file at a time, by the format's own loader
+      # (safetensors.numpy.load_file), as a script loads checkpoints before merging them.
+      from safetensors.numpy import load_file
+      for f in files:
+        tensors = load_file(f)
+        del tensors
+      return {"passes": 1}
+    def read_fromfile():
+      # Every input read whole into a fresh array (np.fromfile), one file at a time.
+      for f in files:
+        x = np.fromfile(f, np.uint8)
+        del x
+      return {"passes": 1}
     import os
     outs = [f"{d}/out_{what.replace(':', '_')}_{i}.safetensors" for i in range(2)]
     def write_raw():
@@ -251,6 +280,12 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
         return read_once()
       if what == "read_raw":
         return read_raw()
+      if what == "read_raw2":
+        return read_raw2()
+      if what == "read_load":
+        return read_load()
+      if what == "read_fromfile":
+        return read_fromfile()
       if what == "write_raw":
         return write_raw()
       if what.startswith("kernels:"):
@@ -317,60 +352,70 @@ def bench_stream(args):
     del pre
     total = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    for what in ["read_raw", "read", "write_raw", "task_arithmetic", "ties",
-                 "kernels:task_arithmetic", "kernels:ties"]:
+    for what in ["read_load", "read_fromfile", "read_raw", "read_raw2", "read", "write_raw",
+                 "task_arithmetic", "ties", "kernels:task_arithmetic", "kernels:ties"]:
       r = _child(_STREAM_CHILD, [d, t, what, args.repeats], env)
       if r is not None:
         rows.append((what, r))
   finally:
     shutil.rmtree(d, ignore_errors=True)
-  # Two reads of every input once, no math: "plain" (each file in order into one reused
-  # 4 MiB buffer, which stays in cache: the floor) and "chunks" (the merge's own reader:
-  # os.preadv of every model's chunk into the two chunk buffers, as the merges read).
   res = dict(rows)
-  plain, chunked = res.get("read_raw"), res.get("read")
+  # Reading every input once, no math, four ways (the targets' references):
+  # - into memory: each file whole into fresh memory, one at a time, by safetensors' loader
+  #   (how a script loads checkpoints) and by np.fromfile (the fastest such read here);
+  # - "plain": each file in order into one reused 4 MiB buffer that stays in cache and is
+  #   discarded (no merge can read that way: it holds every model's chunk at once): the floor;
+  # - "chunks": the merges' own buffered reader (os.preadv of every model's chunk into the two
+  #   chunk buffers; full chunks on CPU skip it, mapped in place).
+  refs = [(label, res[key]) for key, label in (
+      ("read_load", "load_file read"), ("read_fromfile", "fromfile read"),
+      ("read_raw", "plain read"), ("read", "chunk read")) if key in res]
   budget = (t + 1) * largest
   print(f"inputs {total / 2**30:.2f} GiB; RSS budget (models + 1) x largest leaf = "
         f"{budget / 2**20:.0f} MiB (+10 % = {1.1 * budget / 2**20:.0f} MiB)")
-  rel = lambda r, ref: f"{r['best'] / ref['best']:.2f}x" if ref else "-"
-  print("| run | best ms | median ms | CPU ms | / plain read | / chunk read | passes | "
-        "peak RSS MiB | RSS growth MiB | growth / budget |\n"
-        "|---|---|---|---|---|---|---|---|---|---|")
-  names = {"read_raw": "read (plain)", "read": "read (chunks into buffers)",
+  rel = lambda r, ref: f"{r['best'] / ref['best']:.2f}x"
+  print("| run | best ms | median ms | CPU ms | "
+        + " | ".join(f"/ {label}" for label, _ in refs)
+        + " | passes | peak RSS MiB | RSS growth MiB | growth / budget |\n"
+        + "|---" * (8 + len(refs)) + "|")
+  names = {"read_load": "read into memory (safetensors.numpy.load_file, file by file)",
+           "read_fromfile": "read into memory (np.fromfile, file by file)",
+           "read_raw": "read (plain: one reused 4-MiB buffer)",
+           "read_raw2": "read (plain, two threads)",
+           "read": "read (chunks into buffers)",
            "write_raw": "write one output (plain, 4-MiB writes)",
            "kernels:task_arithmetic": "task_arithmetic kernels alone (no I/O)",
            "kernels:ties": "ties write kernels alone (no I/O)"}
   for what, r in rows:
     growth = r["peak"] - r["base"]
     print(f"| {names.get(what, what)} | {1e3 * r['best']:.0f} | {1e3 * r['median']:.0f} | "
-          f"{1e3 * r['cpu']:.0f} | {rel(r, plain)} | {rel(r, chunked)} | {r.get('passes')} | "
-          f"{r['peak'] / 2**20:.0f} | {growth / 2**20:.0f} | {growth / budget:.2f} |")
+          f"{1e3 * r['cpu']:.0f} | " + " | ".join(rel(r, ref) for _, ref in refs)
+          + f" | {r.get('passes')} | {r['peak'] / 2**20:.0f} | {growth / 2**20:.0f} | "
+          f"{growth / budget:.2f} |")
   print(f"CPU ms: median user + system time of the whole process (all threads) per run, on "
         f"{os.cpu_count()} CPUs; kernels alone: the merge kernels over every chunk already "
         f"in memory, as in a merge (best of {args.repeats})")
-  if plain or chunked:
-    for what, target in [("task_arithmetic", 2.0), ("ties", 3.0)]:
-      if what in res:
-        parts = []
-        for label, ref in (("plain read", plain), ("chunk read", chunked)):
-          if ref:
-            x = res[what]["best"] / ref["best"]
-            parts.append(f"{x:.2f}x the {label} ({'met' if x <= target else 'not met'})")
-        print(f"streaming {what}, target <= {target}x reading the inputs once: "
-              + "; ".join(parts))
-    # A lower bound of each merge on this machine: the CPU time of work it cannot skip (the
-    # plain read, the plain write, its kernels), spread over every CPU with no overhead.
-    wrote = res.get("write_raw")
-    for what in ("task_arithmetic", "ties"):
-      k = res.get("kernels:" + what)
-      if plain and wrote and k and what in res:
-        floor = (plain["cpu"] + wrote["cpu"] + k["cpu"]) / (os.cpu_count() or 1)
-        print(f"{what}: floor on {os.cpu_count()} CPUs = (CPU of plain read + plain write + "
-              f"kernels) / CPUs = {1e3 * floor:.0f} ms = {floor / plain['best']:.2f}x the "
-              f"plain read; the merge took {res[what]['best'] / floor:.2f}x its floor")
-    for what, r in rows:
-      if what.startswith("kernels:") or what == "write_raw":
-        continue
+  for what, target in [("task_arithmetic", 2.0), ("ties", 3.0)]:
+    if what in res and refs:
+      parts = []
+      for label, ref in refs:
+        x = res[what]["best"] / ref["best"]
+        parts.append(f"{x:.2f}x the {label} ({'met' if x <= target else 'not met'})")
+      print(f"streaming {what}, target <= {target}x reading the inputs once: "
+            + "; ".join(parts))
+  # A lower bound of each merge on this machine: the CPU time of work it cannot skip (the
+  # plain read, the plain write, its kernels), spread over every CPU with no overhead.
+  plain, wrote = res.get("read_raw"), res.get("write_raw")
+  for what in ("task_arithmetic", "ties"):
+    k = res.get("kernels:" + what)
+    if plain and wrote and k and what in res:
+      floor = (plain["cpu"] + wrote["cpu"] + k["cpu"]) / (os.cpu_count() or 1)
+      print(f"{what}: floor on {os.cpu_count()} CPUs = (CPU of plain read + plain write + "
+            f"kernels) / CPUs = {1e3 * floor:.0f} ms = {floor / plain['best']:.2f}x the "
+            f"plain read; the merge took {res[what]['best'] / floor:.2f}x its floor")
+  for what in ("task_arithmetic", "ties"):
+    if what in res:
+      r = res[what]
       g = (r["peak"] - r["base"]) / budget
       print(f"{what}: RSS growth {g:.2f} x budget (target <= 1.1: "
             f"{'met' if g <= 1.1 else 'not met'}; the process's {r['base'] / 2**20:.0f} MiB "
