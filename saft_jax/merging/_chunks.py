@@ -111,12 +111,13 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
 
 
 class _BufferPool:
-  """Chunk buffers reused round-robin (2 per shape: the chunk being merged and the one
-  being read), so steady-state reading neither page-faults fresh memory nor grows the
-  allocator's heap. A buffer is refilled only after the kernels reading it have finished:
-  the reader thread starts on chunk ``i + 2`` when the merge loop asks for chunk ``i + 1``,
-  and the loop waits for chunk ``i``'s results before asking. On CPU each buffer's rows
-  have one device array each, aliasing them (:meth:`device`), which sees every refill."""
+  """Chunk buffers reused round-robin (``depth`` per shape), so steady-state reading
+  neither page-faults fresh memory nor grows the allocator's heap. A buffer must be
+  refilled only after the chunk in it is done: the merge passes finish chunk ``i`` once
+  chunk ``i + 1`` is loaded (:func:`._streaming._write_pass`), so loading in line needs 2
+  buffers, and a reader thread (which starts on chunk ``i + 2`` when the loop takes chunk
+  ``i + 1``) needs 3. On CPU each buffer's rows have one device array each, aliasing them
+  (:meth:`device`), which sees every refill."""
 
   def __init__(self, depth: int = 2):
     self._depth = depth

@@ -18,8 +18,8 @@ TIES over safetensors inputs (output patchable in place):
    and patched in place where they change.
 
 The main thread scans each chunk's flags (in cache-sized blocks) and gathers its ambiguous
-columns; their counts, candidates and spill run on a worker thread while the main thread runs
-the next chunk's kernel, and the reader thread reads the one after.
+columns while the next chunk's kernel runs; their counts, candidates and spill run on a
+worker thread, one chunk behind.
 
 So global TIES reads the inputs once (plus the sample and the spill). A missed bracket or
 a spill over ``_streaming._SPILL_SHARE`` of the inputs falls back to radix select passes
@@ -330,8 +330,9 @@ def _columns(idx: np.ndarray, rows: List[np.ndarray]) -> np.ndarray:
   """The ``(R, len(idx))`` columns of a chunk's rows (:func:`._chunks._host_rows`) at the
   offsets ``idx``."""
   cols = np.empty((len(rows), idx.size), rows[0].dtype)
+  at = idx.astype(np.intp)  # once, not per row; in range by construction (no bounds checks)
   for r, row in enumerate(rows):  # row by row: sequential reads, not 2-MB strides
-    np.take(row, idx, out=cols[r])
+    np.take(row, at, out=cols[r], mode="clip")
   return cols
 
 
@@ -471,27 +472,34 @@ class _Ties:
       self._pending.result()
       self._pending = None
 
-  def write_chunk(self, ch: _Chunk, buf) -> np.ndarray:
-    """The merged chunk (exact, or for the estimates in a fused pass); sums its signs."""
+  def write_chunk(self, ch: _Chunk, buf):
+    """Start chunk ``ch``'s kernel; returns the function that finishes the chunk (see
+    :func:`._streaming._write_pass`): the merged chunk (exact, or for the estimates in a
+    fused pass), its signs summed."""
     if self.fused:
       lo, hi = _bracket_bounds(self.sels, ch, self.t, self.trim)
       out, *flags = _k_ties_bracket(buf, self._values(ch, self.est), lo, hi, self.lam, _ZERO,
                                     self.disjoint)
-      # The brackets the scan reads stay fixed during the pass (the worker only counts).
-      sc = _scan(self.sels, ch, _words(flags, ch), self.trim, self.t)
-      del flags
-      cols = _columns(sc.idx, _host_rows(buf))  # the buffer is refilled after this
-      self.total += sc.signs
-      if sc.major.size:
-        self.major[ch.index] = sc.major
-      self._wait()
-      self._pending = self._worker.submit(self._fused_counts, ch, sc, cols)
-      return np.asarray(out)
+
+      def finish():
+        # The brackets the scan reads stay fixed during the pass (the worker only counts).
+        sc = _scan(self.sels, ch, _words(flags, ch), self.trim, self.t)
+        cols = _columns(sc.idx, _host_rows(buf))  # the buffer is refilled after this
+        self.total += sc.signs
+        if sc.major.size:
+          self.major[ch.index] = sc.major
+        self._wait()
+        self._pending = self._worker.submit(self._fused_counts, ch, sc, cols)
+        return np.asarray(out)
+      return finish
     maj = jnp.float32(-1.0 if self.majority is None else self.majority)
     out, code = _k_ties(buf, self._values(ch, self.thr), self.lam, maj, _ZERO, self.disjoint)
-    if self.majority is None:
-      self._count_signs(ch, np.asarray(code)[:ch.used] & 3)
-    return np.asarray(out)
+
+    def finish():
+      if self.majority is None:
+        self._count_signs(ch, np.asarray(code)[:ch.used] & 3)
+      return np.asarray(out)
+    return finish
 
   def end_fused(self) -> bool:
     """After a fused write pass: True when the fixes can finish it (else reset for select

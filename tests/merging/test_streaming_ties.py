@@ -1,5 +1,7 @@
 """Streaming TIES's single fused pass (sampled brackets, estimate-then-fix) and its
 fallbacks equal the in-memory TIES bit for bit, on models large enough to be sampled."""
+import time
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -8,7 +10,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from saft_jax import merging as m
-from saft_jax.merging import _streaming, _topk
+from saft_jax.merging import _chunks, _streaming, _streaming_ties, _topk
 
 T = 3
 
@@ -95,6 +97,30 @@ def test_quantized_deltas_over_the_candidate_cap_stay_one_pass(tmp_path, monkeyp
   monkeypatch.setattr(_topk, "DIRECT_SIZE", 4096)
   stats = _check(tmp_path, pre, fts, chunk_bytes=8192, k=0.2, trim="global")
   assert stats["passes"] == 1, stats
+
+
+def test_reader_thread_keeps_a_chunk_until_it_is_finished(tmp_path, monkeypatch):
+  # Without memory maps (as on an accelerator), a reader thread reads chunks into pool
+  # buffers one chunk ahead of the merge loop, and each chunk is finished (its ambiguous
+  # columns gathered from its buffer) while the next chunk's kernel runs: its buffer must
+  # not be refilled before. A slow gather gives the reader every chance to refill it early.
+  class NotMapped(_chunks._Mapped):
+    def __init__(self):
+      super().__init__()
+      self.on = False
+
+  monkeypatch.setattr(_streaming, "_Mapped", NotMapped)
+  gather = _streaming_ties._columns
+
+  def slow(idx, rows):
+    time.sleep(0.02)
+    return gather(idx, rows)
+
+  monkeypatch.setattr(_streaming_ties, "_columns", slow)
+  rng = np.random.default_rng(16)
+  pre, fts = _models(rng, "normal")
+  stats = _check(tmp_path, pre, fts, chunk_bytes=200_000, k=0.2, trim="global")
+  assert stats["passes"] == 1 and stats["chunks"] >= 4, stats
 
 
 def test_estimate_fixes_cover_ties_at_the_threshold(tmp_path, monkeypatch):
