@@ -131,7 +131,10 @@ def _write_pass(items, chunk_iter, sink, copy_src, merge, done=None) -> None:
       for pc in ch.pieces:
         sink.put(pc.path, pc.start, out[pc.off:pc.off + pc.stop - pc.start])
 
-  nxt = next(chunk_iter, None)
+  # The next chunk is asked for only while there is one: the iterator's end of the pass
+  # (unmapping every page) comes after the last chunk is finished.
+  left = sum(kind == "chunk" for kind, _ in items)
+  nxt = next(chunk_iter) if left else None
   for kind, obj in items:
     if kind == "copy":
       flush()
@@ -141,10 +144,12 @@ def _write_pass(items, chunk_iter, sink, copy_src, merge, done=None) -> None:
     assert ch is obj
     started = (ch, merge(ch, buf))
     del buf, nxt  # the chunk's rows are held by `started` only
+    left -= 1
     flush()
     pending = started
-    nxt = next(chunk_iter, None)
+    nxt = next(chunk_iter) if left else None
   flush()
+  next(chunk_iter, None)
 
 
 def stream_merge(pretrained_path: str, finetuned_paths: Sequence[str], out_path: str,
