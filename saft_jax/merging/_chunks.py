@@ -325,9 +325,9 @@ class _Mapped:
   def release(self, keep: int = 1) -> None:
     """Unmap the pages of the mapped chunks before the last ``keep``: about 5 ms of system
     time per 90 MB mapped, so a merge loop calls it while a kernel runs. Also called as
-    chunk ``j`` is mapped: a reader thread loads it once the merge loop has chunk ``j - 1``,
-    and the loop waits for a chunk's results before asking for the next, so chunk ``j - 2``
-    is done. Pages unmapped early would only fault in again."""
+    chunk ``j`` is mapped: the merge loops finish chunk ``j - 2`` before they load chunk
+    ``j`` (chunk ``j - 1``'s kernels may still run). Pages unmapped early would only fault
+    in again."""
     while len(self._done) > keep:
       for mm, a, b in self._done.pop(0):
         a, b = -(-a // mmap.PAGESIZE) * mmap.PAGESIZE, b // mmap.PAGESIZE * mmap.PAGESIZE
