@@ -272,19 +272,12 @@ _STREAM_CHILD = _RSS_PRELUDE + textwrap.dedent("""
         for pos in range(0, n, len(buf)):
           fh.write(buf[:min(len(buf), n - pos)])
       return {"passes": 0}
+    plain_runs = {"read": read_once, "read_raw": read_raw, "read_raw2": read_raw2,
+                  "read_load": read_load, "read_fromfile": read_fromfile,
+                  "write_raw": write_raw}
     def run():
-      if what == "read":
-        return read_once()
-      if what == "read_raw":
-        return read_raw()
-      if what == "read_raw2":
-        return read_raw2()
-      if what == "read_load":
-        return read_load()
-      if what == "read_fromfile":
-        return read_fromfile()
-      if what == "write_raw":
-        return write_raw()
+      if what in plain_runs:
+        return plain_runs[what]()
       if what.startswith("kernels:"):
         return kernels(what.split(":")[1])
       return m.stream_merge(files[0], files[1:], outs[0], what, lam=0.3, k=0.2)
